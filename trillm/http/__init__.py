@@ -1,0 +1,1 @@
+"""HTTP layer: the QuartTrio app, schemas, OpenAPI document and error bodies."""

@@ -1,0 +1,1 @@
+"""User interfaces against a running server."""
