@@ -53,16 +53,16 @@ class SamplingParams:
     top_p: float = attrs.field(default=1.0, validator=_in_unit_interval)
     top_k: int = attrs.field(default=0, validator=_non_negative)  # 0 = off
     min_p: float = attrs.field(default=0.0, validator=_in_unit_interval)
-    repetition_penalty: float = 1.0  # > 0; 1 = off (HF semantics over prompt + output)
+    repetition_penalty: float = attrs.field(default=1.0)  # > 0; 1 = off (HF semantics over prompt + output)
     presence_penalty: float = attrs.field(default=0.0, validator=_penalty_range)  # OpenAI semantics over output
     frequency_penalty: float = attrs.field(default=0.0, validator=_penalty_range)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to the logit)
     seed: int | None = None
-    max_tokens: int | None = None  # None = up to the context window
+    max_tokens: int | None = attrs.field(default=None)  # None = up to the context window
     min_tokens: int = attrs.field(default=0, validator=_non_negative)  # EOS and stop ids are masked before this
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None  # None = no logprobs; k >= 0 = sampled token's logprob plus the top k alternatives
+    logprobs: int | None = attrs.field(default=None)  # None = no logprobs; k >= 0 = sampled token's logprob plus the top k alternatives
 
     @repetition_penalty.validator
     def _check_repetition_penalty(self, attribute: attrs.Attribute[float], value: float) -> None:
