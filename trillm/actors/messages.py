@@ -25,7 +25,7 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
-def _non_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _non_negative(instance: object, attribute: attrs.Attribute[float] | attrs.Attribute[int], value: float) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
 
@@ -117,8 +117,8 @@ class GenerateRequest:
 class TokenLogprob:
     """Rank 0 → Batcher → Engine, per sampled token when logprobs were asked: its log-probability and the top ones.
 
-    `top` holds up to `SamplingParams.logprobs` (token id, logprob) pairs, highest first, and always includes the
-    sampled token itself (API.md: the sampled token is included in `top_logprobs`).
+    `top` holds the `SamplingParams.logprobs` most likely (token id, logprob) pairs, highest first, plus the sampled
+    token when it is not among them (API.md: the sampled token is included in `top_logprobs`), so up to k + 1.
     """
 
     token_id: int

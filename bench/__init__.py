@@ -1,0 +1,1 @@
+"""Benchmarks: offline engine throughput, kernel timings, serving load."""
