@@ -1,0 +1,117 @@
+"""Rank process: the spawned entry point that builds one ModelRunner and answers StepPlans until told to stop.
+
+Runs outside the event loop, in its own process (multiprocessing "spawn" context), one per tensor-parallel rank.
+`actors/gpu_worker.py` owns the other end of the socket.
+
+Wire format, both ways: an 8-byte little-endian unsigned length, then `pickle.dumps(message, protocol=5)`.
+
+Protocol: the rank first sends `RankReady` (or `RankFailed` and exits 1), then loops: `StepPlan` → `StepResult`
+(rank 0 with the samples, other ranks an empty acknowledgement), `Shutdown` → close and exit 0. Any exception →
+`RankFailed` with the traceback, exit 1. A closed socket (the serving process is gone) → exit 1 without a reply.
+SIGINT is ignored: a Ctrl-C reaches the whole process group, and the serving process, not the terminal, decides
+when its ranks stop. torch and the runner are imported inside the rank only, so the serving process (which imports
+this module to spawn it) never loads torch, and a failing import is reported as RankFailed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import traceback
+from typing import Any
+
+from trillm.actors.messages import RankFailed, RankReady, Shutdown, StepPlan
+from trillm.config import RunnerConfig
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("<Q")
+
+
+def send_message(sock: socket.socket, msg: Any) -> None:
+    """Write one length-prefixed pickled message (blocking)."""
+    payload = pickle.dumps(msg, protocol=5)
+    sock.sendall(_LENGTH.pack(len(payload)) + payload)
+
+
+def _recv_exactly(sock: socket.socket, num_bytes: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = num_bytes
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            raise EOFError(f"socket closed with {remaining} of {num_bytes} bytes unread")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_message(sock: socket.socket) -> Any:
+    """Read one length-prefixed pickled message (blocking); EOFError when the peer has closed the socket."""
+    (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
+    return pickle.loads(_recv_exactly(sock, length))
+
+
+def _configure_threads(config: RunnerConfig) -> None:
+    """On CPU, split the cores this process may use evenly between the ranks (each rank is one process)."""
+    if config.device != "cpu":
+        return
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // config.world_size))
+
+
+def rank_main(config: RunnerConfig, sock: socket.socket) -> None:
+    """Process entry point of one rank (runs outside the event loop); exits 0 after Shutdown, 1 after a failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{config.rank} %(name)s %(levelname)s %(message)s")
+    exit_code = _serve(config, sock)
+    sock.close()
+    sys.exit(exit_code)
+
+
+def _serve(config: RunnerConfig, sock: socket.socket) -> int:
+    runner = None
+    try:
+        from trillm.gpu.runner import ModelRunner
+
+        _configure_threads(config)
+        runner = ModelRunner(config)
+        ready = RankReady(
+            rank=config.rank,
+            layout=runner.layout,
+            device_name=runner.device_name,
+            max_model_len=runner.max_model_len,
+            vocab_size=runner.vocab_size,
+        )
+        send_message(sock, ready)
+        while True:
+            msg = recv_message(sock)
+            match msg:
+                case StepPlan():
+                    send_message(sock, runner.step(msg))
+                case Shutdown():
+                    log.info("rank %d shutting down", config.rank)
+                    return 0
+                case _:
+                    raise TypeError(f"rank {config.rank} got an unexpected message {type(msg).__name__}")
+    except (EOFError, ConnectionError) as exc:
+        log.error("rank %d lost its connection to the serving process: %s", config.rank, exc)
+        return 1
+    except Exception as exc:
+        log.exception("rank %d failed", config.rank)
+        failure = RankFailed(rank=config.rank, message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        try:
+            send_message(sock, failure)
+        except OSError:
+            log.error("rank %d could not report its failure: the socket is closed", config.rank)
+        return 1
+    finally:
+        if runner is not None:
+            runner.close()

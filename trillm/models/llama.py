@@ -1,0 +1,473 @@
+"""Llama family model: Llama 2/3, Mistral, Qwen2 and SmolLM2 as one tensor-parallel torch module over paged KV.
+
+Runs outside the event loop, inside a rank process. The model never touches a global: the op set (`ops`: the
+`trillm.gpu.reference` module on CPU, the CUDA kernels module on GPU, same function names) and the rank's place in the
+tensor-parallel group are constructor arguments, and per-step attention metadata arrives as a frozen `AttnMeta`.
+
+Tensor parallelism (Megatron style): q/k/v and gate/up are column-parallel (each rank holds a slice of the heads and
+of the FFN), o_proj and down_proj are row-parallel and followed by an all-reduce. The embedding and lm_head stay
+replicated on every rank (simple; costs vocab × hidden per rank). Parameter names are the Hugging Face checkpoint
+names, except for the two fusions declared once in `packed_modules_mapping`.
+
+Architectures differ only in config: Qwen2 has q/k/v biases, SmolLM2 ties lm_head to the embedding, Llama 3 scales
+its rotary frequencies ("llama3" rope scaling), Mistral's sliding window caps the usable context (no windowed
+attention here).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trillm.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, num_kv_heads, block_size, head_dim]
+
+# HF checkpoint name → (our fused parameter's module name, shard id). The only place fusions are declared.
+packed_modules_mapping: dict[str, tuple[str, str | int]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def _no_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@attrs.frozen(kw_only=True)
+class LlamaArgs:
+    """Shape and numerics of one Llama-family checkpoint (the model's part of config.json)."""
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs of rope_parameters; () = none
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> LlamaArgs:
+        """Read a config.json dict (transformers 4 `rope_theta`/`rope_scaling` or 5 `rope_parameters`)."""
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        architecture = str((config.get("architectures") or ["LlamaForCausalLM"])[0])
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_theta = float(rope.pop("rope_theta", config.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ModelLoadError(f"unsupported rope scaling {rope_type!r}; supported: default, linear, llama3")
+        is_qwen2 = architecture == "Qwen2ForCausalLM"
+        window = config.get("sliding_window")
+        uses_window = architecture == "MistralForCausalLM" or bool(config.get("use_sliding_window"))
+        return cls(
+            architecture=architecture,
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab_size=int(config["vocab_size"]),
+            max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=() if rope_type == "default" else tuple(sorted(rope.items())),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or bool(config.get("attention_bias", False)),
+            o_bias=not is_qwen2 and bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            sliding_window=int(window) if window and uses_window else None,
+        )
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence this model serves correctly (a sliding window caps it: no windowed attention here)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+
+
+@attrs.frozen(kw_only=True)
+class AttnMeta:
+    """Runner → model, once per step: where this step's tokens go in the paged KV cache and what they attend to.
+
+    The runner builds these tensors fresh for each step (or points them at its CUDA-graph static buffers); the
+    model only reads them.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding (write nothing)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    context_lens: torch.Tensor  # [num_seqs] int32: cached positions including this step's tokens
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32: sequence s owns token rows cu[s] .. cu[s+1]
+    is_decode: bool  # every sequence has exactly one token: tokens and sequences are the same rows
+
+
+def checkpoint_shapes(args: LlamaArgs) -> dict[str, tuple[int, ...]]:
+    """Every HF checkpoint tensor this model loads, with its full (unsharded) shape."""
+    a = args
+    q, kv, ffn, hidden = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size, a.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (a.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    if not a.tie_word_embeddings:
+        shapes["lm_head.weight"] = (a.vocab_size, hidden)
+    for i in range(a.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+        for name, (rows, cols) in {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden)}.items():
+            shapes[f"{p}self_attn.{name}.weight"] = (rows, cols)
+            if a.qkv_bias:
+                shapes[f"{p}self_attn.{name}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, q)
+        if a.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (hidden,)
+        for name, (rows, cols) in {
+            "gate_proj": (ffn, hidden),
+            "up_proj": (ffn, hidden),
+            "down_proj": (hidden, ffn),
+        }.items():
+            shapes[f"{p}mlp.{name}.weight"] = (rows, cols)
+            if a.mlp_bias:
+                shapes[f"{p}mlp.{name}.bias"] = (rows,)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rotary embedding
+
+
+def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:  # [head_dim // 2] float32
+    """Rotary inverse frequencies with the config's scaling, computed like transformers (float32)."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = dict(args.rope_scaling)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type != "llama3":
+        return inv_freq
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)  # long wavelengths: slowed down
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def build_cos_sin_cache(args: LlamaArgs, max_positions: int, device: torch.device) -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos in the first half, sin in the second (reference.py's layout)."""
+    inv_freq = rope_inv_freq(args).to(device)
+    positions = torch.arange(max_positions, device=device, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tensor-parallel linear layers
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x Wᵀ with W's output rows split across ranks; shards of fused checkpoint tensors load side by side.
+
+    `shard_sizes` maps a shard id to its full (unsplit) output size, in the order the shards sit in the fused weight.
+    """
+
+    def __init__(
+        self, in_features: int, shard_sizes: dict[str | int, int], *, bias: bool, rank: int, world_size: int
+    ) -> None:
+        super().__init__()
+        for shard_id, size in shard_sizes.items():
+            if size % world_size:
+                raise ModelLoadError(
+                    f"tensor parallelism {world_size} does not divide output size {size} (shard {shard_id!r})"
+                )
+        self.rank, self.world_size = rank, world_size
+        self.shard_offsets: dict[str | int, tuple[int, int]] = {}  # shard id → (offset, size) within this rank's rows
+        offset = 0
+        for shard_id, size in shard_sizes.items():
+            self.shard_offsets[shard_id] = (offset, size // world_size)
+            offset += size // world_size
+        self.weight = nn.Parameter(torch.empty(offset, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(offset), requires_grad=False) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None) -> None:
+        offset, size = self.shard_offsets[shard_id] if shard_id is not None else (0, param.shape[0])
+        rows = loaded.narrow(0, self.rank * size, size)  # this rank's rows of the full tensor
+        param.data.narrow(0, offset, size).copy_(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_r W_rᵀ) with W's input columns split across ranks; the bias is added once, on rank 0."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, rank: int, world_size: int, all_reduce: AllReduce
+    ) -> None:
+        super().__init__()
+        if in_features % world_size:
+            raise ModelLoadError(f"tensor parallelism {world_size} does not divide input size {in_features}")
+        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // world_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None) -> None:
+        if param is self.bias:
+            param.data.copy_(loaded)
+            return
+        size = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.rank * size, size))  # this rank's columns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias if self.rank == 0 else None)
+        return self.all_reduce(out) if self.world_size > 1 else out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention over the paged KV cache, this rank's heads only."""
+
+    def __init__(self, args: LlamaArgs, ops: Any, rank: int, world_size: int, all_reduce: AllReduce) -> None:
+        super().__init__()
+        if args.num_heads % world_size or args.num_kv_heads % world_size:
+            raise ModelLoadError(
+                f"tensor parallelism {world_size} must divide {args.num_heads} heads and {args.num_kv_heads} KV heads"
+            )
+        self.ops, self.head_dim = ops, args.head_dim
+        self.num_heads, self.num_kv_heads = args.num_heads // world_size, args.num_kv_heads // world_size
+        self.scale = args.head_dim**-0.5
+        shards: dict[str | int, int] = {
+            "q": args.num_heads * args.head_dim,
+            "k": args.num_kv_heads * args.head_dim,
+            "v": args.num_kv_heads * args.head_dim,
+        }
+        self.qkv_proj = ColumnParallelLinear(
+            args.hidden_size, shards, bias=args.qkv_bias, rank=rank, world_size=world_size
+        )
+        self.o_proj = RowParallelLinear(
+            args.num_heads * args.head_dim,
+            args.hidden_size,
+            bias=args.o_bias,
+            rank=rank,
+            world_size=world_size,
+            all_reduce=all_reduce,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttnMeta,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)  # [num_tokens, *_size] each
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        k_cache, v_cache = kv_cache
+        q, k = self.ops.rotary_cache_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            out = self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
+        else:
+            out = self.ops.paged_prefill_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale
+            )
+        out = out.reshape(num_tokens, q_size)  # [num_tokens, num_heads * head_dim]
+        projected: torch.Tensor = self.o_proj(out)  # [num_tokens, hidden]
+        return projected
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward, this rank's slice of the intermediate dimension."""
+
+    def __init__(self, args: LlamaArgs, ops: Any, rank: int, world_size: int, all_reduce: AllReduce) -> None:
+        super().__init__()
+        self.ops = ops
+        ffn = args.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(
+            args.hidden_size, {0: ffn, 1: ffn}, bias=args.mlp_bias, rank=rank, world_size=world_size
+        )
+        self.down_proj = RowParallelLinear(
+            ffn, args.hidden_size, bias=args.mlp_bias, rank=rank, world_size=world_size, all_reduce=all_reduce
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return out
+
+
+class RMSNorm(nn.Module):
+    """Holds an RMSNorm weight; the op (with its fused residual add) comes from the op set."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm transformer block; the residual stream is carried beside the hidden state for the fused norm."""
+
+    def __init__(self, args: LlamaArgs, ops: Any, rank: int, world_size: int, all_reduce: AllReduce) -> None:
+        super().__init__()
+        self.ops = ops
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = LlamaAttention(args, ops, rank, world_size, all_reduce)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = LlamaMLP(args, ops, rank, world_size, all_reduce)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttnMeta,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self.input_layernorm
+        if residual is None:
+            residual = hidden
+            hidden, _ = self.ops.rms_norm(hidden, norm.weight, norm.eps)
+        else:
+            hidden, residual = self.ops.rms_norm(hidden, norm.weight, norm.eps, residual)
+        hidden = self.self_attn(hidden, positions, cos_sin_cache, kv_cache, meta)
+        norm = self.post_attention_layernorm
+        hidden, residual = self.ops.rms_norm(hidden, norm.weight, norm.eps, residual)
+        assert residual is not None
+        return self.mlp(hidden), residual
+
+
+class ReplicatedEmbedding(nn.Module):
+    """A [vocab, hidden] table held whole by every rank: the token embedding, or the lm_head used as a linear."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
+        return F.embedding(input_ids, self.weight)
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, args: LlamaArgs, ops: Any, rank: int, world_size: int, all_reduce: AllReduce) -> None:
+        super().__init__()
+        self.embed_tokens = ReplicatedEmbedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args, ops, rank, world_size, all_reduce) for _ in range(args.num_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The served model: `forward` returns final hidden states, `compute_logits` turns chosen rows into logits.
+
+    Parameters are created empty on the current default device and dtype (the runner sets both) and filled by
+    `load_weights`; the rotary cos/sin cache is float32 whatever the model dtype.
+    """
+
+    def __init__(
+        self,
+        args: LlamaArgs,
+        *,
+        ops: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        all_reduce: AllReduce = _no_all_reduce,
+        max_positions: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.args, self.ops = args, ops
+        self.model = LlamaModel(args, ops, rank, world_size, all_reduce)
+        self.lm_head = None if args.tie_word_embeddings else ReplicatedEmbedding(args.vocab_size, args.hidden_size)
+        positions = max_positions or args.max_position_embeddings
+        self.register_buffer(
+            "cos_sin_cache", build_cos_sin_cache(args, positions, torch.empty(0).device), persistent=False
+        )
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttnMeta
+    ) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] for tokens `input_ids` [num_tokens] at `positions` [num_tokens]."""
+        hidden = self.model.embed_tokens(input_ids)  # [num_tokens, hidden]
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, positions, self.cos_sin_cache, kv_cache, meta)
+        normed: torch.Tensor = self.ops.rms_norm(hidden, self.model.norm.weight, self.model.norm.eps, residual)[0]
+        return normed
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_rows, hidden] -> [num_rows, vocab] float32
+        lm_head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, lm_head.weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named checkpoint tensors into this rank's (possibly fused, sharded) parameters."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.args.tie_word_embeddings):
+                continue
+            module_name, _, param_kind = name.rpartition(".")  # e.g. "model.layers.0.self_attn.q_proj", "weight"
+            parent, _, leaf = module_name.rpartition(".")
+            shard_id: str | int | None = None
+            if leaf in packed_modules_mapping:
+                fused, shard_id = packed_modules_mapping[leaf]
+                module_name = f"{parent}.{fused}"
+            target = f"{module_name}.{param_kind}"
+            if target not in params:
+                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {self.args.architecture}")
+            param = params[target]
+            owner = self.get_submodule(module_name)
+            loader = getattr(owner, "weight_loader", None)
+            if loader is not None:
+                loader(param, tensor, shard_id)
+            else:
+                param.data.copy_(tensor)
+            loaded.add(target if shard_id is None else f"{target}:{shard_id}")
+        self._check_complete(params, loaded)
+
+    def _check_complete(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+        expected: set[str] = set()
+        for name in params:
+            module_name, _, kind = name.rpartition(".")
+            owner = self.get_submodule(module_name)
+            if isinstance(owner, ColumnParallelLinear):
+                expected.update(f"{name}:{s}" for s in owner.shard_offsets)
+            else:
+                expected.add(name)
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:4])}")

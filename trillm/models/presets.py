@@ -1,0 +1,86 @@
+"""Random-weight presets: Hugging Face-style configs of benchmark shapes, and their seeded random weights.
+
+A spec "random:<name>" skips every download: the runner builds the model from `PRESETS[name]` and fills it with
+`random_weights`, generated directly on the target device. Each tensor is drawn in its full checkpoint shape from a
+generator seeded by (seed, tensor name) and then sharded by the normal weight loader, so every tensor-parallel
+degree sees exactly the same model (tp=1 and tp=N runs are comparable).
+
+Random presets have no tokenizer of their own: the engine uses the default model's (SmolLM2, 49152 tokens). Ids the
+model samples above that vocabulary decode to nothing; tokenizer ids above a preset's vocabulary (llama2-7b has 32000)
+are folded into it by the runner (`id % vocab_size`), since random weights give no id a meaning anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from trillm.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+RANDOM_PREFIX = "random:"
+INIT_STD = 0.02  # normal(0, 0.02) for every matrix and bias; norms are ones
+
+
+def _llama(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "intermediate_size": ffn,
+        "vocab_size": vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    config.update(extra)
+    return config
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama2-7b": _llama(4096, 32, 32, 32, 11008, 32000),
+    "llama3-8b": _llama(4096, 32, 32, 8, 14336, 128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # InternLM2-7B's shapes, run through the Llama blocks (same math; only the checkpoint names differ).
+    "internlm2-7b": _llama(4096, 32, 32, 8, 14336, 92544, rope_theta=1000000.0, max_position_embeddings=32768),
+    # Tests: 12 heads of 32 / 6 KV heads (GQA), so that tensor parallelism of 1, 2, 3 and 6 all divide it.
+    "tiny": _llama(384, 2, 12, 6, 768, 512, max_position_embeddings=1024),
+}
+
+
+def preset_config(spec: str) -> dict[str, Any]:
+    """The HF-style config dict of "random:<name>" (a fresh copy)."""
+    name = spec.removeprefix(RANDOM_PREFIX)
+    if name not in PRESETS:
+        raise ModelLoadError(f"unknown random preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    return dict(PRESETS[name])
+
+
+def random_weights(
+    shapes: dict[str, tuple[int, ...]], *, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Seeded random tensors for checkpoint `shapes`, built on `device` one at a time (runs outside the event loop)."""
+    import torch  # here, not at the top: the serving process imports this module (via the loader) without torch
+
+    generator = torch.Generator(device=device)
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, device=device, dtype=dtype)
+            continue
+        generator.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        tensor = torch.empty(shape, device=device, dtype=dtype)
+        tensor.normal_(0.0, INIT_STD, generator=generator)
+        yield name, tensor
