@@ -1,0 +1,184 @@
+"""Interactive sessions through Engine.interactive (SessionActor) over a FakeRunner and FakeTokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from fakes import EOS_ID, FakeRunner, FakeTokenizer, hash_next_token, reference_tokens
+from trillm.actors.engine import Engine
+from trillm.actors.messages import CompletionOutput, FinishReason, GenerateRequest, SampleSpec, SamplingParams
+from trillm.config import EngineConfig
+from trillm.errors import ContextLengthExceededError, SessionBusyError, SessionOccupiedError
+
+TOKENIZER = FakeTokenizer()
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@asynccontextmanager
+async def open_engine(*, num_blocks: int = 64, use_threads: bool = False) -> AsyncIterator[tuple[Engine, FakeRunner]]:
+    runner = FakeRunner(num_blocks=num_blocks, block_size=4)
+    config = EngineConfig(model="fake", cache_block_seq_len=4)
+    async with Engine.open(
+        config, runner_factory=lambda _: runner, tokenizer=FakeTokenizer(), use_threads=use_threads
+    ) as engine:
+        yield engine, runner
+
+
+def turn_context(  # type: ignore[no-untyped-def]
+    engine: Engine, prompt: str, *, session_id: int = 1, interactive_mode: bool = True, max_tokens: int | None = 5
+):
+    return engine.interactive(
+        session_id=session_id,
+        prompt=prompt,
+        interactive_mode=interactive_mode,
+        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
+        request_id="turn",
+    )
+
+
+async def turn(engine: Engine, prompt: str, **fields: Any) -> list[CompletionOutput]:
+    async with turn_context(engine, prompt, **fields) as outputs:
+        return [output async for output in outputs]
+
+
+def tokens(outputs: Sequence[CompletionOutput]) -> list[int]:
+    return [t for o in outputs for t in o.token_ids]
+
+
+def expected(prompt: Sequence[int], max_new: int) -> list[int]:
+    spec = SampleSpec(sampling=GREEDY, output_index=0)
+    return reference_tokens(prompt, spec, max_new, hash_next_token(1000), eos_token_ids=(EOS_ID,))
+
+
+def first_turn_ids(text: str) -> list[int]:
+    return TOKENIZER.encode_chat([{"role": "user", "content": text}])
+
+
+def later_turn_ids(text: str, last_output_ids: Sequence[int]) -> list[int]:
+    rendered = TOKENIZER.render_session_turn([], [{"role": "user", "content": text}], last_output_ids=last_output_ids)
+    return TOKENIZER.encode(rendered, add_bos=False)
+
+
+async def test_history_grows_and_each_turn_prefills_only_its_new_tokens() -> None:
+    async with open_engine() as (engine, _):
+        history: list[int] = []
+        for index, text in enumerate(["hello", "and then?", "bye"]):
+            new_ids = first_turn_ids(text) if index == 0 else later_turn_ids(text, history_outputs)
+            prompt = history + new_ids
+            computed_before = engine.statistics().computed_prompt_tokens_total
+            outputs = await turn(engine, text)
+            history_outputs = tokens(outputs)
+            assert history_outputs == expected(prompt, 5)  # exact, reading parked KV back through the block tables
+            assert {o.num_history_tokens for o in outputs} == {len(history)}
+            assert {o.num_prompt_tokens - o.num_history_tokens for o in outputs} == {len(new_ids)}
+            computed = engine.statistics().computed_prompt_tokens_total - computed_before
+            # The previous answer's last token was sampled but never fed to the model: it is computed now.
+            assert computed == (len(new_ids) if index == 0 else len(new_ids) + 1)
+            assert outputs[0].num_cached_tokens == (0 if index == 0 else len(history) - 1)
+            history = prompt + history_outputs
+        assert engine.statistics().num_sessions == 1
+
+
+async def test_a_second_turn_while_one_runs_is_busy_but_cancel_and_end_are_accepted() -> None:
+    async with open_engine() as (engine, _):
+        async with turn_context(engine, "hello", max_tokens=50):
+            with pytest.raises(SessionBusyError, match="session_id 1 has a turn in progress"):
+                await turn(engine, "again")
+            with pytest.raises(SessionOccupiedError, match="session_id 1 is occupied"):
+                async with engine.generate(GenerateRequest(request_id="g", prompt_token_ids=(100,), session_id=1)):
+                    pass  # pragma: no cover
+            await engine.cancel_session(1)
+        await engine.end_session(1)
+        assert engine.statistics().num_sessions == 0
+
+
+async def test_cancel_stops_the_turn_and_keeps_its_partial_output() -> None:
+    async with open_engine(use_threads=True) as (engine, runner):
+        runner.hold()
+        runner.allow(3)
+        prompt = first_turn_ids("tell me a long story")
+        async with turn_context(engine, "tell me a long story", max_tokens=100) as outputs:
+            received = [await outputs.__anext__() for _ in range(3)]
+            await engine.cancel_session(1)
+            runner.allow(1000)
+            received += [o async for o in outputs]
+        assert received[-1].finish_reason is FinishReason.ABORT
+        partial = tokens(received)
+        assert 3 <= len(partial) < 100 and partial == expected(prompt, len(partial))
+        follow_up = await turn(engine, "go on")
+        assert follow_up[0].num_history_tokens == len(prompt) + len(partial)
+        history = prompt + partial + later_turn_ids("go on", partial)
+        assert tokens(follow_up) == expected(history, 5)
+
+
+async def test_end_session_frees_its_kv_and_forgets_its_history() -> None:
+    async with open_engine() as (engine, _):
+        await turn(engine, "hello")
+        assert engine.statistics().kv_usage > 0  # parked between turns
+        await engine.end_session(1)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = engine.statistics()
+        assert stats.num_sessions == 0 and stats.num_free_blocks == stats.num_total_blocks
+        again = await turn(engine, "hello")
+        assert again[0].num_history_tokens == 0 and again[0].num_prompt_tokens == len(first_turn_ids("hello"))
+
+
+async def test_non_interactive_turn_answers_then_ends_the_session() -> None:
+    async with open_engine() as (engine, _):
+        await turn(engine, "hello")
+        outputs = await turn(engine, "last one", interactive_mode=False)
+        assert outputs[0].num_history_tokens > 0 and outputs[-1].finish_reason is FinishReason.LENGTH
+        await trio.testing.wait_all_tasks_blocked()
+        stats = engine.statistics()
+        assert stats.num_sessions == 0 and stats.num_free_blocks == stats.num_total_blocks
+        assert (await turn(engine, "hello"))[0].num_history_tokens == 0
+
+
+async def test_a_turn_that_fits_runs_out_with_length_and_one_that_does_not_fit_is_refused() -> None:
+    async with open_engine(num_blocks=16) as (engine, _):  # a 64-token window
+        outputs = await turn(engine, "hi", max_tokens=None)
+        assert outputs[-1].finish_reason is FinishReason.LENGTH
+        assert outputs[-1].num_prompt_tokens + outputs[-1].num_output_tokens == 64
+        with pytest.raises(ContextLengthExceededError, match="end the session") as info:
+            await turn(engine, "more")
+        assert info.value.max_model_len == 64 and info.value.num_tokens > 64
+        assert engine.statistics().num_sessions == 1  # refused, not dropped
+
+
+async def test_refused_first_turn_leaves_no_session_behind() -> None:
+    async with open_engine(num_blocks=16) as (engine, _):
+        with pytest.raises(ContextLengthExceededError):
+            await turn(engine, "x" * 100, session_id=9)
+        assert engine.statistics().num_sessions == 0
+
+
+async def test_evicted_session_recomputes_its_history_and_answers_exactly() -> None:
+    async with open_engine(num_blocks=24) as (engine, _):  # 96 tokens of KV
+        first = await turn(engine, "hello")
+        assert engine.statistics().kv_usage > 0
+        # A stateless request that needs nearly the whole cache evicts the parked session.
+        sampling = SamplingParams(temperature=0.0, max_tokens=20)
+        big = GenerateRequest(request_id="big", prompt_token_ids=tuple(range(100, 170)), sampling=sampling)
+        async with engine.generate(big) as outputs:
+            assert len(tokens([o async for o in outputs])) == 20
+        assert engine.statistics().num_preemptions == 0
+        computed_before = engine.statistics().computed_prompt_tokens_total
+        follow_up = await turn(engine, "again")
+        history = first_turn_ids("hello") + tokens(first) + later_turn_ids("again", tokens(first))
+        assert tokens(follow_up) == expected(history, 5)
+        assert engine.statistics().computed_prompt_tokens_total - computed_before == len(history)
+        assert follow_up[0].num_cached_tokens == 0
+
+
+async def test_new_session_ids_are_unique_and_skip_sessions_in_use() -> None:
+    async with open_engine() as (engine, _):
+        first = engine.new_session_id()
+        await turn(engine, "hi", session_id=first + 1)
+        second = engine.new_session_id()
+        assert second != first and second != first + 1

@@ -1,0 +1,598 @@
+"""Engine: starts and supervises the actors, and is the one API the HTTP layer calls.
+
+`Engine.open(config)` resolves the model, loads its tokenizer, spawns one GPUWorkerActor per tensor-parallel rank
+(each owns a rank process), builds the Scheduler over the KV layout the ranks report, and starts the BatcherActor —
+every actor with `await nursery.start(actor.run)`. Leaving the context shuts everything down.
+
+Supervision. The actors run in a nursery of their own under `_supervise`. The first actor that raises (a rank died,
+or a bug) marks the engine dead right there (`is_alive` False, `failure` set) before its exception cancels the
+others; the Batcher, on its way out, fails every live sequence, and the request streams raise EngineDeadError with
+the failure. The Engine context itself stays open, so the HTTP layer keeps answering /health with 503 and new
+requests with EngineDeadError until it shuts down. A failure before the engine is ready is raised by `open`.
+
+Requests. `generate` validates up front (window, drain, death, occupied sessions), resolves each choice's seed and
+token budget, submits `n` sequences that share one TokenEvent channel (a clone each), and yields a `RequestStream`
+that detokenizes and matches stop strings per choice. Leaving the `generate` context early aborts every sequence.
+`interactive` runs one turn of a SessionActor, which calls back into the same request path. Rank configuration
+(device, dtype and batch-size defaults) is resolved by `gpu_worker.runner_configs`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from trillm.actors.batcher import BatcherActor
+from trillm.actors.gpu_worker import (
+    GPUWorkerActor,
+    InProcessWorkerActor,
+    RankTarget,
+    StepRunner,
+    resolve_device,
+    runner_configs,
+)
+from trillm.actors.kv_blocks import BlockManager
+from trillm.actors.messages import (
+    Abort,
+    BatcherInbox,
+    CompletionOutput,
+    FinishReason,
+    GenerateRequest,
+    RankReady,
+    ReleaseSession,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+    Submit,
+    TokenEvent,
+)
+from trillm.actors.scheduler import Scheduler
+from trillm.actors.session import SessionActor
+from trillm.config import EngineConfig, RunnerConfig
+from trillm.errors import (
+    ContextLengthExceededError,
+    EngineDeadError,
+    EngineDrainingError,
+    InvalidRequestError,
+    SessionOccupiedError,
+)
+from trillm.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+log = logging.getLogger(__name__)
+
+INBOX_BUFFER = 256  # Batcher inbox; requests wait (backpressure) when it is full
+EVENT_SLACK = 2  # per-sequence event buffer = token budget + this (the final or error event)
+PLAN_BUFFER = 1  # plans a worker may hold ahead of its rank (room for step overlap, issue 4)
+SHUTDOWN_TIMEOUT_S = 30.0  # how long leaving `open` waits for the actors and ranks before cancelling them
+FIRST_SESSION_ID = 1 << 31  # ids `new_session_id` hands out, above those clients usually pick themselves
+SEED_RANGE = 1 << 31
+RunnerFactory = Callable[[RunnerConfig], StepRunner]
+
+
+@attrs.frozen(kw_only=True)
+class EngineStats:
+    """Engine.statistics(): queue sizes, KV usage and cumulative token counters."""
+
+    num_running: int
+    num_waiting: int
+    num_sessions: int
+    kv_usage: float  # 0-1: used blocks (running and parked sessions) / total
+    num_free_blocks: int
+    num_total_blocks: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    computed_prompt_tokens_total: int  # prompt tokens actually prefilled (not reused from parked or cached KV)
+    cached_prompt_tokens_total: int
+    num_preemptions: int
+    steps: int
+
+
+def _sole_exception(exc: BaseException) -> BaseException:
+    """The one leaf of nested single-member exception groups (the exception itself otherwise)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+@contextmanager
+def _unwrap_single_exception() -> Iterator[None]:
+    """Re-raise a group that holds exactly one Exception as that exception (Trio nurseries wrap everything)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf = _sole_exception(group)
+        if isinstance(leaf, Exception) and not isinstance(leaf, BaseExceptionGroup):
+            raise leaf from None
+        raise
+
+
+def _describe(exc: BaseException) -> str:
+    """The failure message of an actor's exception: its first leaf's (a group's own text says nothing)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__
+
+
+# -- one request's output stream -------------------------------------------------------------------------------------
+
+
+@attrs.define(kw_only=True)
+class _Choice:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stop: StopStringMatcher
+    num_output_tokens: int = 0
+    is_finished: bool = False
+
+
+class RequestStream:
+    """Engine.generate's iterator: one request's TokenEvents → detokenized CompletionOutputs, choices interleaved.
+
+    Each choice is one sequence. A stop string found in a choice's text finishes it with `stop` (text cut before the
+    match) and aborts its sequence; events that still arrive for it are dropped.
+    """
+
+    def __init__(
+        self,
+        receive: trio.MemoryReceiveChannel[TokenEvent],
+        choices: dict[int, _Choice],
+        *,
+        num_history_tokens: int,
+        send: Callable[[BatcherInbox], Any],
+        send_nowait: Callable[[BatcherInbox], None],
+        failure: Callable[[], str | None],
+    ) -> None:
+        self._receive = receive
+        self._choices = choices  # seq id → choice
+        self._num_history_tokens = num_history_tokens
+        self._send = send
+        self._send_nowait = send_nowait
+        self._failure = failure
+
+    @property
+    def unfinished_seq_ids(self) -> list[int]:
+        return [seq_id for seq_id, choice in self._choices.items() if not choice.is_finished]
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> CompletionOutput:
+        while self.unfinished_seq_ids:
+            try:
+                event = await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise EngineDeadError(self._failure() or "the engine stopped") from None
+            if event.error is not None:
+                raise EngineDeadError(self._failure() or event.error)
+            output = self._on_event(event)
+            if output is None:
+                continue
+            if output.finish_reason is FinishReason.STOP and event.finish_reason is None:
+                await self._send(Abort(seq_id=event.seq_id, reason=FinishReason.STOP))  # a stop string matched
+            return output
+        raise StopAsyncIteration
+
+    async def abort(self) -> None:
+        """Abort every unfinished sequence; their final events (finish_reason `abort`) still come through."""
+        for seq_id in self.unfinished_seq_ids:
+            try:
+                await self._send(Abort(seq_id=seq_id))
+            except EngineDeadError:
+                return  # nothing runs any more: the stream itself reports the failure
+
+    def abort_nowait(self) -> None:
+        """Abort what is unfinished without waiting (if the inbox is full, the closed channel does it later)."""
+        for seq_id in self.unfinished_seq_ids:
+            try:
+                self._send_nowait(Abort(seq_id=seq_id))
+            except (trio.WouldBlock, EngineDeadError):
+                pass
+
+    def _on_event(self, event: TokenEvent) -> CompletionOutput | None:
+        choice = self._choices.get(event.seq_id)
+        if choice is None or choice.is_finished:
+            return None
+        choice.num_output_tokens += len(event.token_ids)
+        text, is_matched = choice.stop.push(choice.detokenizer.push(event.token_ids))
+        finish_reason = FinishReason.STOP if is_matched else event.finish_reason
+        if finish_reason is not None and not is_matched:
+            tail, is_matched = choice.stop.push(choice.detokenizer.flush())
+            text += tail
+            if is_matched:
+                finish_reason = FinishReason.STOP
+            else:
+                text += choice.stop.flush()
+        choice.is_finished = finish_reason is not None
+        return CompletionOutput(
+            index=choice.index,
+            text=text,
+            token_ids=event.token_ids,
+            logprobs=event.logprobs,
+            finish_reason=finish_reason,
+            num_prompt_tokens=event.num_prompt_tokens,
+            num_output_tokens=choice.num_output_tokens,
+            num_cached_tokens=event.num_cached_tokens,
+            num_history_tokens=self._num_history_tokens,
+        )
+
+
+# -- the engine ------------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """The serving engine: the HTTP layer's one entry point. Build it with `Engine.open`."""
+
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.model_name = config.served_model_name
+        self.tokenizer = tokenizer
+        self.created = int(time.time())
+        self.max_model_len = 0  # known once the ranks are ready
+        self.device_name = ""
+        self.is_alive = True
+        self.failure: str | None = None
+        self._is_draining = False
+        self._inbox_send, self._inbox_receive = trio.open_memory_channel[BatcherInbox](INBOX_BUFFER)
+        self._batcher: BatcherActor | None = None
+        self._sessions: dict[int, SessionActor] = {}
+        self._seq_ids = itertools.count(1)
+        self._session_ids = itertools.count(FIRST_SESSION_ID)
+        self._seeds = random.Random(config.seed)
+        self._stopped = trio.Event()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        config: EngineConfig,
+        *,
+        runner_factory: RunnerFactory | None = None,
+        tokenizer: Tokenizer | None = None,
+        rank_target: RankTarget | None = None,
+        use_threads: bool = True,
+    ) -> AsyncIterator[Engine]:
+        """Start an engine for `config`; it shuts down when the context is left.
+
+        Args:
+            runner_factory: build each rank's runner in this process instead of spawning rank processes
+                (tests: a fake runner; `use_threads=False` then steps it inline on the event loop).
+            tokenizer: use this tokenizer instead of loading the model's (with a runner_factory, the model is
+                then not resolved at all).
+            rank_target: the rank process entry point (tests: a stand-in that speaks the rank protocol).
+
+        Raises:
+            ModelLoadError: the model cannot be resolved.
+            EngineDeadError: a rank failed to start.
+        """
+        model_path = ""
+        if tokenizer is None or runner_factory is None:
+            model_path = await trio.to_thread.run_sync(_resolve_model, config.model, config.cache_dir)
+        if tokenizer is None:
+            load = partial(Tokenizer.from_folder, model_path, chat_template=config.chat_template)
+            tokenizer = await trio.to_thread.run_sync(load)
+        configs = runner_configs(config, model_path, resolve_device(config.device))
+        engine = cls(config, tokenizer)
+        start = partial(engine._supervise, configs, runner_factory, rank_target, use_threads)
+        with _unwrap_single_exception():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(start)
+                try:
+                    yield engine
+                finally:
+                    engine._inbox_send.close()  # the Batcher ends, then the workers stop their ranks
+                    with trio.move_on_after(SHUTDOWN_TIMEOUT_S) as waiting:
+                        await engine._stopped.wait()
+                    if waiting.cancelled_caught:
+                        log.error("the engine did not stop within %.0f s: cancelling it", SHUTDOWN_TIMEOUT_S)
+                        nursery.cancel_scope.cancel()
+
+    # -- supervision -------------------------------------------------------------------------------------------------
+
+    async def _supervise(
+        self,
+        configs: Sequence[RunnerConfig],
+        runner_factory: RunnerFactory | None,
+        rank_target: RankTarget | None,
+        use_threads: bool,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run every actor in one nursery; a failure after start-up marks the engine dead instead of propagating."""
+        is_started = False
+        try:
+            async with trio.open_nursery() as actors:
+                plan_channels = [trio.open_memory_channel[StepPlan](PLAN_BUFFER) for _ in configs]
+                result_channels = [trio.open_memory_channel[StepResult](PLAN_BUFFER) for _ in configs]
+                workers = [
+                    InProcessWorkerActor(runner_factory, cfg, plans, results, use_thread=use_threads)
+                    if runner_factory is not None
+                    else GPUWorkerActor(cfg, plans, results, target=rank_target)
+                    for cfg, (_, plans), (results, _) in zip(configs, plan_channels, result_channels)
+                ]
+                readies = await self._start_workers(actors, workers)
+                scheduler = self._build_scheduler(readies, configs[0].max_batch_size)
+                self._batcher = BatcherActor(
+                    scheduler,
+                    self._inbox_receive,
+                    [send for send, _ in plan_channels],
+                    [receive for _, receive in result_channels],
+                )
+                await actors.start(self._guarded, self._batcher.run)
+                is_started = True
+                task_status.started()
+        except Exception as exc:  # an ExceptionGroup of Exceptions too; Cancelled is not an Exception
+            if not is_started:
+                raise
+            self._mark_dead(_describe(exc))
+        finally:
+            self.is_alive = False
+            self._stopped.set()
+
+    async def _start_workers(
+        self, actors: trio.Nursery, workers: Sequence[GPUWorkerActor | InProcessWorkerActor]
+    ) -> list[RankReady]:
+        """Start every worker at once (tensor-parallel ranks rendezvous while loading) and collect their RankReady."""
+        readies: list[RankReady | None] = [None] * len(workers)
+
+        async def start_one(index: int) -> None:
+            readies[index] = await actors.start(self._guarded, workers[index].run)
+
+        async with trio.open_nursery() as starting:
+            for index in range(len(workers)):
+                starting.start_soon(start_one, index)
+        return [ready for ready in readies if ready is not None]
+
+    def _build_scheduler(self, readies: Sequence[RankReady], max_batch_size: int) -> Scheduler:
+        ready = readies[0]
+        layout = ready.layout
+        capacity = layout.num_blocks * layout.block_size
+        self.max_model_len = min(ready.max_model_len, capacity)
+        if self.max_model_len < ready.max_model_len and self.config.session_len is not None:
+            log.warning("the KV cache holds %d tokens: max_model_len lowered from %d", capacity, ready.max_model_len)
+        self.device_name = ready.device_name
+        prefix_caching = self.config.enable_prefix_caching
+        blocks = BlockManager(layout.num_blocks, layout.block_size, enable_prefix_caching=prefix_caching)
+        log.info(
+            "engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d, max_batch_size %d",
+            self.model_name, self.device_name, layout.num_blocks, layout.block_size, self.max_model_len, max_batch_size,
+        )
+        return Scheduler(
+            blocks,
+            max_batch_size=max_batch_size,
+            max_prefill_token_num=self.config.max_prefill_token_num,
+            max_model_len=self.max_model_len,
+            eos_token_ids=tuple(self.tokenizer.eos_token_ids),
+        )
+
+    async def _guarded(
+        self, run: Callable[..., Any], *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run an actor; if it raises, mark the engine dead before the exception cancels the other actors."""
+        try:
+            await run(task_status=task_status)
+        except Exception as exc:
+            self._mark_dead(_describe(exc))
+            raise
+
+    def _mark_dead(self, failure: str) -> None:
+        if self.failure is None:
+            log.error("the engine failed: %s", failure)
+            self.failure = failure
+        self.is_alive = False
+
+    # -- requests ----------------------------------------------------------------------------------------------------
+
+    def _check_accepting(self) -> None:
+        if not self.is_alive:
+            raise EngineDeadError(self.failure or "the engine has stopped")
+        if self._is_draining:
+            raise EngineDrainingError("the engine is draining for shutdown and accepts no new requests")
+
+    @asynccontextmanager
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[AsyncIterator[CompletionOutput]]:
+        """Generate `request.n` choices; yields their outputs (deltas, interleaved by `index`) as they come.
+
+        Leaving the context before every choice finished aborts the rest.
+
+        Raises:
+            InvalidRequestError: an empty prompt, or n < 1.
+            ContextLengthExceededError: the prompt leaves no room in the window.
+            SessionOccupiedError: `request.session_id` names an interactive session with history.
+            EngineDeadError: the engine has failed (also raised mid-stream when it fails then).
+            EngineDrainingError: the engine is shutting down.
+        """
+        self._check_accepting()
+        if request.session_id is not None:
+            session = self._sessions.get(request.session_id)
+            if session is not None and (session.has_history or session.is_busy):
+                raise SessionOccupiedError(request.session_id)
+        async with self._open_request(request) as stream:
+            yield stream
+
+    @asynccontextmanager
+    async def _open_request(
+        self, request: GenerateRequest, *, num_history_tokens: int = 0
+    ) -> AsyncIterator[RequestStream]:
+        """Submit a request's sequences; yields their RequestStream and aborts what is unfinished on exit."""
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if request.n < 1:
+            raise InvalidRequestError(f"n must be >= 1, got {request.n}", param="n")
+        if len(prompt) >= self.max_model_len:
+            raise ContextLengthExceededError(len(prompt), self.max_model_len)
+        room = self.max_model_len - len(prompt)
+        sampling = request.sampling
+        max_new_tokens = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
+        seed = sampling.seed if sampling.seed is not None else self._seeds.randrange(SEED_RANGE)
+        send, receive = trio.open_memory_channel[TokenEvent](request.n * (max_new_tokens + EVENT_SLACK))
+        seq_ids = [next(self._seq_ids) for _ in range(request.n)]
+        choices = {seq_id: self._new_choice(index, request) for index, seq_id in enumerate(seq_ids)}
+        submits = [
+            Submit(
+                seq_id=seq_id,
+                prompt_token_ids=prompt,
+                sampling=attrs.evolve(sampling, seed=seed + index),
+                max_new_tokens=max_new_tokens,
+                events=send.clone(),
+                session_id=request.session_id,
+                keep_kv=request.keep_kv,
+            )
+            for index, seq_id in enumerate(seq_ids)
+        ]
+        send.close()  # each Submit holds a clone: the channel ends when the Batcher has closed them all
+        stream = RequestStream(
+            receive,
+            choices,
+            num_history_tokens=num_history_tokens,
+            send=self._send,
+            send_nowait=self._send_nowait,
+            failure=lambda: self.failure,
+        )
+        async with receive:
+            try:
+                for submit in submits:  # without a checkpoint when there is room: n choices start in one step
+                    try:
+                        self._send_nowait(submit)
+                    except trio.WouldBlock:
+                        await self._send(submit)
+                yield stream
+            finally:
+                stream.abort_nowait()
+
+    def _new_choice(self, index: int, request: GenerateRequest) -> _Choice:
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer,
+            skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+            prompt_token_ids=request.prompt_token_ids,
+        )
+        return _Choice(index=index, detokenizer=detokenizer, stop=StopStringMatcher(request.stop))
+
+    async def _send(self, message: BatcherInbox) -> None:
+        try:
+            await self._inbox_send.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise EngineDeadError(self.failure or "the engine has stopped") from None
+
+    def _send_nowait(self, message: BatcherInbox) -> None:
+        try:
+            self._inbox_send.send_nowait(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise EngineDeadError(self.failure or "the engine has stopped") from None
+
+    # -- sessions ----------------------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def interactive(
+        self,
+        *,
+        session_id: int,
+        prompt: str | list[dict[str, Any]],
+        interactive_mode: bool,
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        skip_special_tokens: bool = True,
+        request_id: str,
+    ) -> AsyncIterator[AsyncIterator[CompletionOutput]]:
+        """One turn of session `session_id` (created on its first turn); outputs carry num_history_tokens.
+
+        Raises:
+            SessionBusyError: the session's previous turn is still running (409).
+            ContextLengthExceededError: the turn does not fit in the window; the hint says to end the session.
+            InvalidRequestError, EngineDeadError, EngineDrainingError: as for `generate`.
+        """
+        self._check_accepting()
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = SessionActor(
+                session_id,
+                tokenizer=self.tokenizer,
+                max_model_len=self.max_model_len,
+                open_request=self._open_request,
+                send_control=self._send,
+                on_end=self._forget_session,
+            )
+            self._sessions[session_id] = session
+        try:
+            async with session.turn(
+                prompt=prompt,
+                interactive_mode=interactive_mode,
+                sampling=sampling,
+                stop=stop,
+                skip_special_tokens=skip_special_tokens,
+                request_id=request_id,
+            ) as outputs:
+                yield outputs
+        finally:
+            if not session.has_history and not session.is_busy:
+                self._forget_session(session)  # a first turn that was refused leaves nothing behind
+
+    async def end_session(self, session_id: int) -> None:
+        """Cancel the session's running turn, free its KV and forget its history (always accepted)."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            await session.end()
+        elif self.is_alive:
+            await self._send(ReleaseSession(session_id=session_id))
+
+    async def cancel_session(self, session_id: int) -> None:
+        """Stop the session's running turn, if any; its output so far stays in the history (always accepted)."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            await session.cancel()
+
+    def new_session_id(self) -> int:
+        """A session id no session uses (for session_id -1)."""
+        while True:
+            session_id = next(self._session_ids)
+            if session_id not in self._sessions:
+                return session_id
+
+    def _forget_session(self, session: SessionActor) -> None:
+        if self._sessions.get(session.session_id) is session:
+            del self._sessions[session.session_id]
+
+    # -- state -------------------------------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Refuse new requests (EngineDrainingError) while the ones in flight finish."""
+        self._is_draining = True
+
+    def statistics(self) -> EngineStats:
+        """A snapshot of queues, KV usage and token counters."""
+        assert self._batcher is not None, "statistics() before the engine is ready"
+        stats = self._batcher.statistics()
+        sched = stats.scheduler
+        return EngineStats(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_sessions=len(self._sessions),
+            kv_usage=sched.blocks.usage,
+            num_free_blocks=sched.blocks.num_free_blocks,
+            num_total_blocks=sched.blocks.num_total_blocks,
+            prompt_tokens_total=sched.num_prompt_tokens,
+            generation_tokens_total=sched.num_generated_tokens,
+            computed_prompt_tokens_total=sched.num_computed_prompt_tokens,
+            cached_prompt_tokens_total=sched.num_cached_prompt_tokens,
+            num_preemptions=sched.num_preemptions,
+            steps=stats.num_steps,
+        )
+
+
+def _resolve_model(spec: str, cache_dir: str | None) -> str:
+    """The model folder for `spec` (runs in a worker thread: GGUF conversion takes seconds the first time)."""
+    # Imported here, not at the top: the loader imports torch, which tests with fake runners never need.
+    from trillm.models.loader import resolve_model
+
+    return resolve_model(spec, cache_dir=cache_dir)
+

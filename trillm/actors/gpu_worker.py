@@ -1,0 +1,317 @@
+"""GPUWorkerActor: the one owner of the pipe to one tensor-parallel rank process.
+
+The serving process reaches GPU code only here. Each worker spawns its rank (`trillm.gpu.rank.rank_main`, or a test's
+stand-in with the same signature) in a `multiprocessing` "spawn" process over a `socket.socketpair()`, waits for its
+`RankReady`, then serves the Batcher's StepPlans in order: send a plan, await the rank's StepResult, pass it on. One
+task owns the pipe, so a reply can never be read by the wrong waiter (STACK.md).
+
+Wire format, both ways (the same as `gpu/rank.py`'s blocking helpers): an 8-byte little-endian unsigned length, then
+`pickle.dumps(message, protocol=5)`.
+
+Supervision. The worker raises `EngineDeadError` when the rank reports `RankFailed`, closes its socket, or exits —
+a watcher task waits on the process sentinel, so a rank that dies while the engine is idle is noticed at once. The
+exception crashes the Engine's actor nursery, and the Engine marks itself dead. On the way out (normal or not) the
+worker asks the rank to shut down, waits `SHUTDOWN_GRACE_S`, and kills it if it is still there.
+
+Rank configuration. `device="auto"` picks CUDA when the NVIDIA driver reports a device. The serving process must not
+import torch, so it asks the driver itself (`libcuda` through ctypes: `cuInit` + `cuDeviceGetCount`, which creates
+no context and allocates nothing); rank processes then use torch as usual. The resolved device picks the defaults of
+`dtype` (bfloat16 on CUDA, float32 on CPU) and `max_batch_size` (256 on CUDA, 64 on CPU). Without `--session-len`
+the ranks get an unbounded `max_model_len` and cap it at the model's max positions (RankReady reports the result).
+
+`InProcessWorkerActor` has the same channels and readiness for an in-process runner (any object with `.layout` and
+`.step(plan)`): policy and actor tests use it with a fake runner, so they need no process and no model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import pickle
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from trillm.actors.messages import KVCacheLayout, RankFailed, RankReady, Shutdown, StepPlan, StepResult
+from trillm.config import EngineConfig, RunnerConfig
+from trillm.errors import EngineDeadError
+from trillm.gpu.rank import rank_main
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("<Q")
+SHUTDOWN_GRACE_S = 10.0  # how long a rank may take to exit after Shutdown before it is killed
+EXIT_CODE_WAIT_S = 2.0  # how long to wait for a rank whose socket closed to exit, to report its exit code
+EXIT_POLL_S = 0.01
+UNBOUNDED_MODEL_LEN = 1 << 30  # no --session-len: the rank caps the window at the model's max positions
+RankTarget = Callable[[RunnerConfig, socket.socket], None]
+
+
+def cuda_device_count() -> int:
+    """CUDA devices the NVIDIA driver reports (0 without a driver), asked through libcuda: no torch here."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → "cuda" when the driver reports a device, else "cpu"; other values pass through."""
+    if device != "auto":
+        return device
+    return "cuda" if cuda_device_count() > 0 else "cpu"
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for torch.distributed's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def runner_configs(config: EngineConfig, model_path: str, device: str) -> list[RunnerConfig]:
+    """One RunnerConfig per tensor-parallel rank, with device, dtype and batch size resolved."""
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    max_batch_size = config.max_batch_size or (256 if device == "cuda" else 64)
+    init_method = f"tcp://127.0.0.1:{free_loopback_port()}" if config.tp > 1 else ""
+    return [
+        RunnerConfig(
+            model_path=model_path,
+            rank=rank,
+            world_size=config.tp,
+            dist_init_method=init_method,
+            device=device,
+            dtype=dtype,
+            block_size=config.cache_block_seq_len,
+            max_model_len=config.session_len or UNBOUNDED_MODEL_LEN,
+            max_batch_size=max_batch_size,
+            max_prefill_token_num=config.max_prefill_token_num,
+            cache_max_entry_count=config.cache_max_entry_count,
+            cpu_memory_budget_bytes=config.cpu_memory_budget_bytes,
+            enable_cuda_graph=config.enable_cuda_graph,
+        )
+        for rank in range(config.tp)
+    ]
+
+
+class StepRunner(Protocol):
+    """What an in-process worker drives: ModelRunner's interface (fakes implement it too)."""
+
+    @property
+    def layout(self) -> KVCacheLayout: ...
+
+    def step(self, plan: StepPlan) -> StepResult: ...
+
+
+async def send_frame(stream: trio.abc.SendStream, message: Any) -> None:
+    """Write one length-prefixed pickled message."""
+    payload = pickle.dumps(message, protocol=5)
+    await stream.send_all(_LENGTH.pack(len(payload)) + payload)
+
+
+class FrameReader:
+    """Reads length-prefixed pickled messages from a stream; `receive` raises EOFError once the peer has closed."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def receive(self) -> Any:
+        (length,) = _LENGTH.unpack(await self._read_exactly(_LENGTH.size))
+        return pickle.loads(await self._read_exactly(length))
+
+    async def _read_exactly(self, num_bytes: int) -> bytes:
+        while len(self._buffer) < num_bytes:
+            chunk = await self._stream.receive_some(max(1 << 16, num_bytes - len(self._buffer)))
+            if not chunk:
+                raise EOFError(f"stream closed with {len(self._buffer)} of {num_bytes} bytes read")
+            self._buffer += chunk
+        data = bytes(self._buffer[:num_bytes])
+        del self._buffer[:num_bytes]
+        return data
+
+
+class GPUWorkerActor:
+    """Spawns one rank process and serves it StepPlans in order; raises EngineDeadError when the rank fails."""
+
+    def __init__(
+        self,
+        config: RunnerConfig,
+        plans: trio.MemoryReceiveChannel[StepPlan],
+        results: trio.MemorySendChannel[StepResult],
+        *,
+        target: RankTarget | None = None,  # default: trillm.gpu.rank.rank_main
+    ) -> None:
+        self.rank = config.rank
+        self._config = config
+        self._plans = plans
+        self._results = results
+        self._target = target or rank_main
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._num_steps = 0
+        self._is_stepping = False  # a plan is out and its reply not read yet
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def run(self, *, task_status: trio.TaskStatus[RankReady] = trio.TASK_STATUS_IGNORED) -> None:
+        """Spawn the rank, report its RankReady through `task_status`, serve plans until the plan channel closes.
+
+        Raises:
+            EngineDeadError: the rank failed to start, reported a failure, or died.
+        """
+        # `with`, not `async with`: closing without a checkpoint lets this worker's exception reach the Engine's
+        # supervisor before the Batcher, woken by the closed channels, reports a vaguer one.
+        with self._plans, self._results:
+            parent_socket, child_socket = socket.socketpair()
+            process = multiprocessing.get_context("spawn").Process(
+                target=self._target, args=(self._config, child_socket), name=f"trillm-rank{self.rank}", daemon=True
+            )
+            process.start()  # spawn: fork+exec of a fresh interpreter; returns in milliseconds
+            child_socket.close()  # the child holds its own copy: EOF here now means the child is gone
+            self._process = process
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_socket))
+            try:
+                reader = FrameReader(stream)
+                ready = await self._handshake(reader, process)  # a rank that dies here closes the socket: EOF
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, process)
+                    task_status.started(ready)
+                    await self._serve(stream, reader, process)
+                    nursery.cancel_scope.cancel()  # plans closed: stop watching, shut the rank down below
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._stop(stream, process)
+
+    async def _handshake(self, reader: FrameReader, process: multiprocessing.process.BaseProcess) -> RankReady:
+        try:
+            message = await reader.receive()
+        except EOFError:
+            raise EngineDeadError(
+                f"rank {self.rank} exited before it was ready ({await self._exit_status(process)})"
+            ) from None
+        match message:
+            case RankReady():
+                log.info("rank %d ready on %s: %s", self.rank, message.device_name, message.layout)
+                return message
+            case RankFailed():
+                log.error("rank %d failed to start:\n%s", self.rank, message.traceback)
+                raise EngineDeadError(f"rank {self.rank} failed to start: {message.message}")
+            case _:
+                raise EngineDeadError(f"rank {self.rank} sent {type(message).__name__} instead of RankReady")
+
+    async def _serve(
+        self, stream: trio.SocketStream, reader: FrameReader, process: multiprocessing.process.BaseProcess
+    ) -> None:
+        async for plan in self._plans:
+            self._is_stepping = True
+            try:
+                await send_frame(stream, plan)
+                reply = await reader.receive()
+            except (EOFError, trio.BrokenResourceError):
+                raise EngineDeadError(
+                    f"rank {self.rank} died during step {plan.step_id} ({await self._exit_status(process)})"
+                ) from None
+            match reply:
+                case StepResult(step_id=plan.step_id):
+                    self._is_stepping = False  # stays True on any failure, which this task reports
+                    self._num_steps += 1
+                    await self._results.send(reply)
+                case RankFailed():
+                    log.error("rank %d failed:\n%s", self.rank, reply.traceback)
+                    raise EngineDeadError(f"rank {self.rank} failed during step {plan.step_id}: {reply.message}")
+                case _:
+                    raise EngineDeadError(f"rank {self.rank} answered step {plan.step_id} with {reply!r:.200}")
+
+    async def _watch(self, process: multiprocessing.process.BaseProcess) -> None:
+        """Raise as soon as the rank process ends between steps (during a step, `_serve` reports it: one error)."""
+        await trio.lowlevel.wait_readable(process.sentinel)
+        if self._is_stepping:
+            return
+        raise EngineDeadError(f"rank {self.rank} process died ({await self._exit_status(process)})")
+
+    async def _exit_status(self, process: multiprocessing.process.BaseProcess) -> str:
+        # Polled: the sentinel fires a moment before the exit code is there, and the watcher may be waiting on it.
+        with trio.move_on_after(EXIT_CODE_WAIT_S):
+            while process.exitcode is None:
+                await trio.sleep(EXIT_POLL_S)
+        return "still running" if process.exitcode is None else f"exit code {process.exitcode}"
+
+    async def _stop(self, stream: trio.SocketStream, process: multiprocessing.process.BaseProcess) -> None:
+        """Ask the rank to exit, give it SHUTDOWN_GRACE_S, then kill it; close the socket (runs shielded)."""
+        if process.exitcode is None:
+            with trio.move_on_after(SHUTDOWN_GRACE_S) as waiting:
+                try:
+                    await send_frame(stream, Shutdown())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                    pass  # dead, or the pipe's owner was cancelled mid-send: the kill below takes care of it
+                await trio.lowlevel.wait_readable(process.sentinel)
+            if waiting.cancelled_caught:
+                log.warning("rank %d did not exit within %.0f s of Shutdown: killing it", self.rank, SHUTDOWN_GRACE_S)
+                process.kill()
+        await trio.to_thread.run_sync(process.join)  # reaps it: the sentinel fires a moment before exit completes
+        await stream.aclose()
+        log.info("rank %d stopped (exit code %s) after %d steps", self.rank, process.exitcode, self._num_steps)
+
+
+class InProcessWorkerActor:
+    """A worker whose runner lives in this process: any object with `.layout` and `.step(plan)`.
+
+    The runner is built from `runner_factory(config)`. Steps run in a worker thread (`trio.to_thread.run_sync`) so a
+    real ModelRunner does not block the event loop; `use_thread=False` runs them inline, which keeps tests with a
+    fake runner fully deterministic.
+    """
+
+    def __init__(
+        self,
+        runner_factory: Callable[[RunnerConfig], StepRunner],
+        config: RunnerConfig,
+        plans: trio.MemoryReceiveChannel[StepPlan],
+        results: trio.MemorySendChannel[StepResult],
+        *,
+        use_thread: bool = True,
+    ) -> None:
+        self.rank = config.rank
+        self._factory = runner_factory
+        self._config = config
+        self._plans = plans
+        self._results = results
+        self._use_thread = use_thread
+
+    async def run(self, *, task_status: trio.TaskStatus[RankReady] = trio.TASK_STATUS_IGNORED) -> None:
+        """Build the runner, report readiness, run plans until the plan channel closes; runner errors propagate."""
+        with self._plans, self._results:  # closed without a checkpoint, as in GPUWorkerActor.run
+            runner = await self._call(self._factory, self._config)
+            try:
+                task_status.started(self._ready(runner))
+                async for plan in self._plans:
+                    result = await self._call(runner.step, plan)
+                    await self._results.send(result)
+            finally:
+                close = getattr(runner, "close", None)
+                if close is not None:
+                    close()
+
+    def _ready(self, runner: StepRunner) -> RankReady:
+        """RankReady from the runner's optional `device_name`, `max_model_len` and `vocab_size` attributes."""
+        return RankReady(
+            rank=self.rank,
+            layout=runner.layout,
+            device_name=getattr(runner, "device_name", "in-process"),
+            max_model_len=getattr(runner, "max_model_len", None) or self._config.max_model_len,
+            vocab_size=getattr(runner, "vocab_size", 0),
+        )
+
+    async def _call(self, function: Callable[[Any], Any], argument: Any) -> Any:
+        if self._use_thread:
+            return await trio.to_thread.run_sync(function, argument)
+        return function(argument)

@@ -1,0 +1,500 @@
+"""Scheduler: the continuous-batching policy that turns live sequences into one StepPlan per engine step.
+
+Plain Python, no Trio and no torch; the BatcherActor owns one and calls it between steps. Each step:
+
+1. Decodes. Every running sequence with exactly one uncomputed token (its last sampled one) gets a slot; if the KV
+   pool is out of blocks, parked session KV is evicted first (least recently parked), then the newest running
+   sequence is preempted by recompute: its blocks are freed and it goes back to the *front* of the waiting queue
+   with prompt + outputs as the tokens to recompute. The oldest running sequence therefore always progresses (the
+   engine caps the context window at the pool's size), so nothing starves.
+2. Prefill chunks. Running sequences still prefilling (a long prompt, or a recompute) get chunks in admission
+   order, at most `max_prefill_token_num` prefill tokens per step in total. Decodes do not count against that
+   budget: a step holds at most `max_prefill_token_num` + `max_batch_size` tokens.
+3. Admission, first come first served: while there is prefill budget, a batch slot, and blocks for the head of the
+   queue's whole token list. The head is never skipped, so a large request cannot be overtaken forever.
+
+A sequence's `num_computed_tokens` advances when it is put in a plan (its KV is written by that step, and ranks run
+steps in order), so the next plan may already rely on it. The last sampled token of a sequence is never fed to the
+model: its KV does not exist until the next decode computes it.
+
+Reused KV. A new sequence may start with `num_computed_tokens > 0`:
+- parked session KV: a finished sequence with `keep_kv` parks its computed tokens and their blocks under its
+  `session_id`; the session's next sequence reuses the longest common prefix of those tokens and its own (at least
+  one token is always left to compute, since the last position must produce logits). `ReleaseSession` frees the
+  parked blocks; under memory pressure they are evicted LRU and the next turn just recomputes from its tokens.
+- the prefix cache (`enable_prefix_caching`): full blocks of an identical token prefix, found by chained hash.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+
+import attrs
+
+from trillm.actors.kv_blocks import ROOT_HASH, BlockManager, BlockManagerStats, blocks_for, hash_block
+from trillm.actors.messages import (
+    FinishReason,
+    SampleSpec,
+    SamplingParams,
+    SeqStep,
+    StepPlan,
+    StepResult,
+    TokenEvent,
+    TokenLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SeqStatus(enum.Enum):
+    """Where a sequence is in its life: waiting → running ⇄ preempted (waiting again) → finished."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@attrs.define(eq=False, kw_only=True)
+class Sequence:
+    """The Scheduler's mutable state of one sequence (never leaves the Batcher; plans carry snapshots)."""
+
+    seq_id: int
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    max_new_tokens: int
+    session_id: int | None = None
+    keep_kv: bool = False
+    token_ids: list[int]  # prompt + outputs so far
+    block_table: list[int] = attrs.Factory(list)
+    block_hashes: list[int] = attrs.Factory(list)  # prefix-cache keys of the leading full, computed blocks
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens reused (parked or prefix-cached KV) at first admission
+    status: SeqStatus = SeqStatus.WAITING
+    is_admitted: bool = False  # admitted at least once
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def output_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.token_ids[self.num_prompt_tokens :])
+
+
+@attrs.define(kw_only=True)
+class _ParkedKV:
+    """A finished session turn's KV: the tokens whose KV is computed, and the blocks that hold it."""
+
+    token_ids: tuple[int, ...]
+    block_table: list[int]
+
+
+@attrs.frozen(kw_only=True)
+class SchedulerStats:
+    """Scheduler.statistics(): queue sizes and cumulative counters."""
+
+    num_running: int
+    num_waiting: int
+    num_parked_sessions: int
+    num_steps: int
+    num_preemptions: int
+    num_evicted_sessions: int
+    num_prompt_tokens: int  # prompt tokens of every sequence added
+    num_computed_prompt_tokens: int  # prompt positions actually computed (prefilled), recomputes included
+    num_cached_prompt_tokens: int  # prompt positions reused from parked or prefix-cached KV
+    num_generated_tokens: int
+    blocks: BlockManagerStats
+
+
+class Scheduler:
+    """Admission, chunked prefill, preemption, finishing and parked session KV over one BlockManager."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_batch_size: int,
+        max_prefill_token_num: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        if max_model_len > block_manager.num_blocks * block_manager.block_size:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the KV cache "
+                f"({block_manager.num_blocks} blocks of {block_manager.block_size})"
+            )
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.max_batch_size = max_batch_size
+        self.max_prefill_token_num = max_prefill_token_num
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self._seqs: dict[int, Sequence] = {}
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []  # admission order: oldest first
+        self._parked: collections.OrderedDict[int, _ParkedKV] = collections.OrderedDict()  # LRU first
+        self._awaiting_samples: set[int] = set()  # seq ids sampled by the plan in flight
+        self._step_id = 0
+        self._num_preemptions = 0
+        self._num_evicted_sessions = 0
+        self._num_prompt_tokens = 0
+        self._num_computed_prompt_tokens = 0
+        self._num_cached_prompt_tokens = 0
+        self._num_generated_tokens = 0
+
+    # -- inbox -------------------------------------------------------------------------------------------------------
+
+    def add(
+        self,
+        seq_id: int,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        *,
+        session_id: int | None = None,
+        keep_kv: bool = False,
+    ) -> TokenEvent | None:
+        """Queue a new sequence. Returns its final event right away when it may generate nothing.
+
+        Raises:
+            ValueError: a duplicate seq_id, an empty prompt, or a prompt that leaves no room in the window.
+        """
+        if seq_id in self._seqs:
+            raise ValueError(f"seq_id {seq_id} is already live")
+        if not 0 < len(prompt_token_ids) < self.max_model_len:
+            raise ValueError(
+                f"prompt of {len(prompt_token_ids)} tokens does not fit max_model_len {self.max_model_len}"
+            )
+        self._num_prompt_tokens += len(prompt_token_ids)
+        max_new_tokens = min(max_new_tokens, self.max_model_len - len(prompt_token_ids))
+        if max_new_tokens <= 0:
+            return TokenEvent(
+                seq_id=seq_id, finish_reason=FinishReason.LENGTH, num_prompt_tokens=len(prompt_token_ids)
+            )
+        seq = Sequence(
+            seq_id=seq_id,
+            num_prompt_tokens=len(prompt_token_ids),
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            session_id=session_id,
+            keep_kv=keep_kv and session_id is not None,
+            token_ids=list(prompt_token_ids),
+        )
+        self._seqs[seq_id] = seq
+        self._waiting.append(seq)
+        return None
+
+    def abort(self, seq_id: int, reason: FinishReason = FinishReason.ABORT) -> TokenEvent | None:
+        """Finish a live sequence now (its KV is freed, or parked for its session); None if it is not live."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return None
+        self._finish(seq)
+        return self._event(seq, finish_reason=reason)
+
+    def release_session(self, session_id: int) -> None:
+        """Free the KV parked under `session_id`; a live sequence of that session will no longer park."""
+        parked = self._parked.pop(session_id, None)
+        if parked is not None:
+            self.block_manager.free(parked.block_table)
+        for seq in self._seqs.values():
+            if seq.session_id == session_id:
+                seq.keep_kv = False
+
+    # -- stepping ----------------------------------------------------------------------------------------------------
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def schedule(self) -> StepPlan | None:
+        """The next step's plan, or None when there is nothing to run."""
+        assert not self._awaiting_samples, "schedule() called with a step in flight"
+        num_preemptions = self._num_preemptions
+        steps = [self._plan_tokens(seq, 1) for seq in self._reserve_decode_slots()]
+        budget = self.max_prefill_token_num
+        for seq in self._running:
+            if budget > 0 and seq.num_uncomputed_tokens > 1:
+                chunk = min(seq.num_uncomputed_tokens, budget)
+                budget -= chunk
+                steps.append(self._plan_tokens(seq, chunk))
+        # After a preemption the pool is full: admitting now would only preempt again next step (unless nothing
+        # else would run: the engine never idles with work queued).
+        may_admit = self._num_preemptions == num_preemptions or not steps
+        while may_admit and budget > 0 and self._waiting and len(self._running) < self.max_batch_size:
+            seq = self._waiting[0]
+            if not self._admit(seq):
+                break
+            chunk = min(seq.num_uncomputed_tokens, budget)
+            budget -= chunk
+            steps.append(self._plan_tokens(seq, chunk))
+        if not steps:
+            return None
+        self._step_id += 1
+        return StepPlan(step_id=self._step_id, seqs=tuple(steps))
+
+    def apply(self, result: StepResult) -> list[TokenEvent]:
+        """Record the tokens a finished step sampled; returns one event per sequence that got a token.
+
+        Tokens for sequences aborted while the step ran are dropped.
+        """
+        events = []
+        for sampled in result.sampled:
+            if sampled.seq_id not in self._awaiting_samples:
+                continue  # aborted while the step ran
+            self._awaiting_samples.discard(sampled.seq_id)
+            seq = self._seqs[sampled.seq_id]
+            seq.token_ids.append(sampled.token_id)
+            self._num_generated_tokens += 1
+            reason = self._finish_reason(seq, sampled.token_id)
+            if reason is not None:
+                self._finish(seq)
+            logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
+            events.append(self._event(seq, token_ids=(sampled.token_id,), logprobs=logprobs, finish_reason=reason))
+        if self._awaiting_samples:
+            raise AssertionError(f"step {result.step_id} returned no token for seqs {sorted(self._awaiting_samples)}")
+        return events
+
+    def statistics(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+            num_parked_sessions=len(self._parked),
+            num_steps=self._step_id,
+            num_preemptions=self._num_preemptions,
+            num_evicted_sessions=self._num_evicted_sessions,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_computed_prompt_tokens=self._num_computed_prompt_tokens,
+            num_cached_prompt_tokens=self._num_cached_prompt_tokens,
+            num_generated_tokens=self._num_generated_tokens,
+            blocks=self.block_manager.statistics(),
+        )
+
+    def sequence(self, seq_id: int) -> Sequence | None:
+        """A live sequence's state (tests and debugging)."""
+        return self._seqs.get(seq_id)
+
+    # -- decode slots and preemption ---------------------------------------------------------------------------------
+
+    def _reserve_decode_slots(self) -> list[Sequence]:
+        """Running sequences that decode this step, each with a block for its next position; preempts as needed."""
+        scheduled = []
+        for seq in list(self._running):  # oldest first; victims are taken from the newest end
+            if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+                continue
+            num_needed = blocks_for(seq.num_computed_tokens + 1, self.block_size) - len(seq.block_table)
+            while not self.block_manager.can_allocate(num_needed):
+                if self._evict_parked():
+                    continue
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                seq.block_table += self.block_manager.allocate(num_needed)
+                scheduled.append(seq)
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's KV and requeue it at the front to recompute prompt + outputs."""
+        log.debug("preempting seq %d (%d tokens)", seq.seq_id, len(seq.token_ids))
+        self._running.remove(seq)
+        self._release_blocks(seq)
+        seq.status = SeqStatus.PREEMPTED
+        self._waiting.appendleft(seq)
+        self._num_preemptions += 1
+
+    def _evict_parked(self) -> bool:
+        """Free the least recently parked session KV; False if none is parked."""
+        if not self._parked:
+            return False
+        session_id, parked = self._parked.popitem(last=False)
+        log.debug("evicting the parked KV of session %d (%d blocks)", session_id, len(parked.block_table))
+        self.block_manager.free(parked.block_table)
+        self._num_evicted_sessions += 1
+        return True
+
+    # -- admission ---------------------------------------------------------------------------------------------------
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Move the head of the waiting queue to running with blocks for all its tokens; False if they don't fit."""
+        is_claimed = self._claim_parked(seq)
+        if not is_claimed:
+            self._match_prefix(seq)
+        num_needed = blocks_for(len(seq.token_ids), self.block_size) - len(seq.block_table)
+        while not self.block_manager.can_allocate(num_needed):
+            if not self._evict_parked():
+                self._unadmit(seq, repark=is_claimed)
+                return False
+        seq.block_table += self.block_manager.allocate(num_needed)
+        if not seq.is_admitted:
+            seq.num_cached_tokens = seq.num_computed_tokens
+            self._num_cached_prompt_tokens += seq.num_computed_tokens
+            seq.is_admitted = True
+        self._waiting.popleft()
+        seq.status = SeqStatus.RUNNING
+        self._running.append(seq)
+        return True
+
+    def _unadmit(self, seq: Sequence, *, repark: bool) -> None:
+        """Undo a failed admission: give back reused blocks (to the session's parking spot when they came from it)."""
+        if repark:
+            assert seq.session_id is not None
+            parked_tokens = tuple(seq.token_ids[: seq.num_computed_tokens])
+            self._parked[seq.session_id] = _ParkedKV(token_ids=parked_tokens, block_table=seq.block_table)
+            seq.block_table = []
+            seq.block_hashes = []
+            seq.num_computed_tokens = 0
+        else:
+            self._release_blocks(seq)
+
+    def _claim_parked(self, seq: Sequence) -> bool:
+        """Start `seq` from its session's parked KV: the longest common token prefix, leaving >= 1 token to compute."""
+        if seq.session_id is None or seq.session_id not in self._parked:
+            return False
+        parked = self._parked.pop(seq.session_id)
+        num_reused = 0
+        limit = min(len(parked.token_ids), len(seq.token_ids) - 1)
+        while num_reused < limit and parked.token_ids[num_reused] == seq.token_ids[num_reused]:
+            num_reused += 1
+        num_kept = blocks_for(num_reused, self.block_size)
+        if num_reused % self.block_size and self._is_shared(parked.block_table[num_kept - 1]):
+            # The partial last block would be written from `num_reused` on: never write a shared/cached block.
+            num_kept -= 1
+            num_reused = num_kept * self.block_size
+        self.block_manager.free(parked.block_table[num_kept:])
+        seq.block_table = parked.block_table[:num_kept]
+        seq.num_computed_tokens = num_reused
+        self._hash_computed_blocks(seq)
+        return True
+
+    def _is_shared(self, block_id: int) -> bool:
+        return self.block_manager.ref_count(block_id) > 1 or self.block_manager.is_cached(block_id)
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Start `seq` from prefix-cached full blocks of its tokens (never the block holding its last token)."""
+        if not self.block_manager.enable_prefix_caching:
+            return
+        size = self.block_size
+        parent = ROOT_HASH
+        for index in range((len(seq.token_ids) - 1) // size):
+            block_hash = hash_block(parent, seq.token_ids[index * size : (index + 1) * size])
+            block_id = self.block_manager.cached_block(block_hash)
+            if block_id is None:
+                break
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(block_hash)
+            parent = block_hash
+        self.block_manager.acquire(seq.block_table)
+        seq.num_computed_tokens = len(seq.block_table) * size
+
+    # -- planning ----------------------------------------------------------------------------------------------------
+
+    def _plan_tokens(self, seq: Sequence, num_tokens: int) -> SeqStep:
+        """The SeqStep computing the next `num_tokens` of `seq`; advances its computed count."""
+        start = seq.num_computed_tokens
+        end = start + num_tokens
+        sample = None
+        if end == len(seq.token_ids):
+            sample = SampleSpec(
+                sampling=seq.sampling,
+                output_index=seq.num_output_tokens,
+                eos_token_ids=self.eos_token_ids,
+                history_token_ids=tuple(seq.token_ids) if seq.sampling.has_penalties else (),
+                num_prompt_tokens=seq.num_prompt_tokens,
+            )
+            self._awaiting_samples.add(seq.seq_id)
+        step = SeqStep(
+            seq_id=seq.seq_id,
+            token_ids=tuple(seq.token_ids[start:end]),
+            start_pos=start,
+            block_table=tuple(seq.block_table[: blocks_for(end, self.block_size)]),
+            sample=sample,
+        )
+        self._num_computed_prompt_tokens += max(0, min(end, seq.num_prompt_tokens) - start)
+        seq.num_computed_tokens = end
+        self._hash_computed_blocks(seq)
+        return step
+
+    def _hash_computed_blocks(self, seq: Sequence) -> None:
+        """Register every newly full, computed block of `seq` in the prefix cache."""
+        if not self.block_manager.enable_prefix_caching:
+            return
+        size = self.block_size
+        for index in range(len(seq.block_hashes), seq.num_computed_tokens // size):
+            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+            block_hash = hash_block(parent, seq.token_ids[index * size : (index + 1) * size])
+            self.block_manager.register(seq.block_table[index], block_hash)
+            seq.block_hashes.append(block_hash)
+
+    # -- finishing ---------------------------------------------------------------------------------------------------
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        sampling = seq.sampling
+        output_index = seq.num_output_tokens - 1
+        if output_index >= sampling.min_tokens:
+            if token_id in self.eos_token_ids and not sampling.ignore_eos:
+                return FinishReason.STOP
+            if token_id in sampling.stop_token_ids:
+                return FinishReason.STOP
+        if seq.num_output_tokens >= seq.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence) -> None:
+        """Drop a sequence from every queue; park its KV for its session or free it."""
+        if seq.status is SeqStatus.RUNNING:
+            self._running.remove(seq)
+        else:
+            self._waiting.remove(seq)
+        del self._seqs[seq.seq_id]
+        self._awaiting_samples.discard(seq.seq_id)
+        if seq.keep_kv and seq.num_computed_tokens > 0:
+            assert seq.session_id is not None
+            self._park(seq)
+        else:
+            self._release_blocks(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _park(self, seq: Sequence) -> None:
+        assert seq.session_id is not None
+        previous = self._parked.pop(seq.session_id, None)
+        if previous is not None:
+            self.block_manager.free(previous.block_table)
+        num_kept = blocks_for(seq.num_computed_tokens, self.block_size)
+        self.block_manager.free(seq.block_table[num_kept:])
+        self._parked[seq.session_id] = _ParkedKV(
+            token_ids=tuple(seq.token_ids[: seq.num_computed_tokens]), block_table=seq.block_table[:num_kept]
+        )
+        seq.block_table = []
+        seq.block_hashes = []
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.block_table)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def _event(
+        self,
+        seq: Sequence,
+        *,
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[TokenLogprob, ...] = (),
+        finish_reason: FinishReason | None = None,
+    ) -> TokenEvent:
+        return TokenEvent(
+            seq_id=seq.seq_id,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finish_reason=finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )

@@ -1,0 +1,208 @@
+"""SessionActor: one interactive session — its turns, one at a time, and its message and token history.
+
+A session (API.md, /v1/chat/interactive) keeps the tokens of every earlier turn — prompt and answer — and the
+Batcher keeps their KV parked under the session id between turns (`keep_kv`), so a turn prefills only its new text.
+The chat template's system prompt and BOS come only with the first turn (`Tokenizer.encode_chat`); later turns
+append `Tokenizer.render_session_turn`, which bridges from the previous answer's last token to the new generation
+prompt.
+
+A turn runs in the task of the request that asked for it (its lifetime is that client's), so the session needs no
+task of its own: it serializes turns with a busy flag (a second concurrent turn is a SessionBusyError, 409) and
+everything else — cancel, end — acts on the running turn's stream. All of this happens on the one Trio thread, so
+the state below is only ever touched between awaits; the comments at each await say what may change across it.
+
+History rules (API.md semantics 4-6):
+- `history_tokens` of a turn is the token count held before it; after an interactive turn the history grows by the
+  turn's new prompt tokens plus every answer token the turn delivered — also when it was cancelled or its client
+  left (partial output stays in the history; KV computed for tokens that never reached the history is simply not
+  reused, see Scheduler).
+- A turn whose prompt does not fit in the window leaves no room to answer: ContextLengthExceededError telling the
+  client to end the session. A turn that fits but runs out of room ends with `length`.
+- `interactive_mode=False` answers the turn and then ends the session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol
+
+import trio
+
+from trillm.actors.messages import CompletionOutput, GenerateRequest, ReleaseSession, SamplingParams
+from trillm.errors import ContextLengthExceededError, EngineDeadError, SessionBusyError
+from trillm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FULL_SESSION_HINT = "The session's history fills the context window: end the session and start a new one."
+RELEASE_TIMEOUT_S = 5.0  # bound on the shielded send of ReleaseSession when a turn ends
+
+
+class TurnStream(Protocol):
+    """What a turn reads: the Engine's per-request output stream, which can abort its sequences."""
+
+    def __aiter__(self) -> AsyncIterator[CompletionOutput]: ...
+
+    async def __anext__(self) -> CompletionOutput: ...
+
+    async def abort(self) -> None: ...
+
+
+OpenRequest = Callable[..., AbstractAsyncContextManager[TurnStream]]  # (request, *, num_history_tokens=...)
+SendControl = Callable[[ReleaseSession], Awaitable[None]]
+
+
+class _RecordingStream:
+    """Passes a turn's outputs through while recording its answer tokens and text for the history."""
+
+    def __init__(self, stream: TurnStream) -> None:
+        self._stream = stream
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+
+    def __aiter__(self) -> _RecordingStream:
+        return self
+
+    async def __anext__(self) -> CompletionOutput:
+        output = await self._stream.__anext__()
+        self.token_ids += output.token_ids
+        self.text.append(output.text)
+        return output
+
+
+class SessionActor:
+    """The history and turn-taking of one interactive session."""
+
+    def __init__(
+        self,
+        session_id: int,
+        *,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        open_request: OpenRequest,
+        send_control: SendControl,
+        on_end: Callable[[SessionActor], None],
+    ) -> None:
+        self.session_id = session_id
+        self._tokenizer = tokenizer
+        self._max_model_len = max_model_len
+        self._open_request = open_request
+        self._send_control = send_control
+        self._on_end = on_end
+        self._messages: list[dict[str, Any]] = []
+        self._token_ids: list[int] = []
+        self._last_output_ids: tuple[int, ...] = ()
+        self._stream: TurnStream | None = None
+        self._is_busy = False
+        self._is_ended = False
+
+    @property
+    def is_busy(self) -> bool:
+        return self._is_busy
+
+    @property
+    def num_history_tokens(self) -> int:
+        return len(self._token_ids)
+
+    @property
+    def has_history(self) -> bool:
+        return bool(self._token_ids)
+
+    @asynccontextmanager
+    async def turn(
+        self,
+        *,
+        prompt: str | list[dict[str, Any]],
+        interactive_mode: bool,
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        skip_special_tokens: bool = True,
+        request_id: str,
+    ) -> AsyncIterator[AsyncIterator[CompletionOutput]]:
+        """Run one turn; yields its outputs (num_history_tokens set) and records the history when it ends.
+
+        Raises:
+            SessionBusyError: another turn of this session is running.
+            ContextLengthExceededError: history + the new prompt leave no room in the window.
+            InvalidRequestError: the messages or the chat template reject this turn.
+        """
+        if self._is_busy:
+            raise SessionBusyError(self.session_id)
+        new_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        new_ids = self._encode_turn(new_messages)
+        prompt_ids = (*self._token_ids, *new_ids)
+        if len(prompt_ids) >= self._max_model_len:
+            raise ContextLengthExceededError(
+                len(prompt_ids), self._max_model_len, param="prompt", hint=FULL_SESSION_HINT
+            )
+        request = GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling=sampling,
+            stop=stop,
+            skip_special_tokens=skip_special_tokens,
+            session_id=self.session_id,
+            keep_kv=interactive_mode,
+        )
+        self._is_busy = True  # from here until the finally below, a second turn is refused
+        recorder: _RecordingStream | None = None
+        try:
+            async with self._open_request(request, num_history_tokens=len(self._token_ids)) as stream:
+                # The Submit reached the Batcher during that await; `end` may have run meanwhile.
+                self._stream = stream
+                recorder = _RecordingStream(stream)
+                if self._is_ended:
+                    await stream.abort()
+                yield recorder
+        finally:
+            self._stream = None
+            self._is_busy = False
+            if self._is_ended or not interactive_mode:
+                await self._release()
+                self._forget()
+            elif recorder is not None:
+                self._record(new_messages, prompt_ids, recorder)
+
+    async def cancel(self) -> None:
+        """Stop the running turn, if any; what it generated so far stays in the history."""
+        if self._stream is not None:
+            await self._stream.abort()
+
+    async def end(self) -> None:
+        """Cancel the running turn, free the session's KV and forget it (a later turn starts a new session)."""
+        self._is_ended = True
+        if self._stream is not None:
+            await self._stream.abort()  # the turn's own exit releases again, after its sequence has parked
+        await self._release()
+        self._forget()
+
+    def _encode_turn(self, new_messages: list[dict[str, Any]]) -> list[int]:
+        if not self._token_ids:
+            return self._tokenizer.encode_chat(new_messages)
+        text = self._tokenizer.render_session_turn(
+            self._messages, new_messages, last_output_ids=self._last_output_ids
+        )
+        return self._tokenizer.encode(text, add_bos=False)
+
+    def _record(
+        self, new_messages: list[dict[str, Any]], prompt_ids: tuple[int, ...], recorder: _RecordingStream
+    ) -> None:
+        self._token_ids = [*prompt_ids, *recorder.token_ids]
+        self._last_output_ids = tuple(recorder.token_ids)
+        self._messages += [*new_messages, {"role": "assistant", "content": "".join(recorder.text)}]
+        log.debug("session %d: %d history tokens", self.session_id, len(self._token_ids))
+
+    async def _release(self) -> None:
+        """Tell the Batcher to free the session's parked KV (shielded: it runs in `finally` of a cancelled turn)."""
+        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT_S):
+            try:
+                await self._send_control(ReleaseSession(session_id=self.session_id))
+            except EngineDeadError:
+                pass  # no Batcher, no KV to free
+
+    def _forget(self) -> None:
+        """Drop the history and tell the Engine (which forgets this object, not whatever now has its id)."""
+        self._messages, self._token_ids, self._last_output_ids = [], [], ()
+        self._on_end(self)

@@ -1,0 +1,217 @@
+"""The command line: `trillm serve api_server [MODEL] [flags]` builds a ServerConfig and serves the HTTP app.
+
+Flags carry LMDeploy's names (API.md, CLI); each is accepted with `-` or `_` between words (`--server-port` and
+`--server_port`). The server runs under `hypercorn.trio.serve` in this process: SIGINT or SIGTERM starts a drain
+(new requests get 503, requests in flight finish, for at most --graceful-timeout seconds; a second signal stops at
+once), then hypercorn closes the listeners and the engine shuts down.
+
+`trillm serve api_client` and `trillm serve gradio` are planned (API.md) but not implemented yet: they exit with an
+error saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+
+from trillm.config import DEFAULT_MODEL, EngineConfig, ServerConfig
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+NOT_IMPLEMENTED = ("api_client", "gradio")
+
+
+def _normalize(argv: Sequence[str]) -> list[str]:
+    """`--server_port=1` → `--server-port=1`: option names accept `_` for `-` (values are left alone)."""
+    normalized = []
+    for arg in argv:
+        if arg.startswith("--"):
+            name, sep, value = arg.partition("=")
+            arg = "--" + name[2:].replace("_", "-") + sep + value
+        normalized.append(arg)
+    return normalized
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    engine = parser.add_argument_group("model and engine")
+    engine.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                        help="a hub repo id (org/name), a local Hugging Face folder, or a .gguf file "
+                             f"(default: {DEFAULT_MODEL!r}, the built-in SmolLM2-135M-Instruct)")
+    engine.add_argument("--model-name", help="the model id served in /v1/models (default: derived from MODEL)")
+    engine.add_argument("--tp", type=int, help="tensor parallelism: GPUs to split the model over (default 1)")
+    engine.add_argument("--session-len", type=int,
+                        help="context window in tokens (default: the model's max positions)")
+    engine.add_argument("--cache-max-entry-count", type=float,
+                        help="fraction of free GPU memory for the KV cache; on CPU a fraction of the CPU KV "
+                             "budget (default 0.8)")
+    engine.add_argument("--cache-block-seq-len", type=int, help="tokens per KV-cache block (default 64)")
+    engine.add_argument("--max-batch-size", type=int,
+                        help="most sequences in one batch (default 256 on CUDA, 64 on CPU)")
+    engine.add_argument("--max-prefill-token-num", type=int,
+                        help="most prompt tokens prefilled in one step (default 8192)")
+    engine.add_argument("--enable-prefix-caching", action="store_true", default=None,
+                        help="reuse the KV cache of shared prompt prefixes across requests")
+    engine.add_argument("--chat-template", help="a Jinja chat template file that replaces the model's")
+    engine.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
+                        help="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
+    engine.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default auto: CUDA when present")
+    engine.add_argument("--cache-dir", help="where converted GGUF models are kept (default ~/.cache/trillm)")
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    server = parser.add_argument_group("HTTP server")
+    server.add_argument("--server-name", help="address to listen on (default 0.0.0.0)")
+    server.add_argument("--server-port", type=int, help="port to listen on (default 23333)")
+    server.add_argument("--api-keys", nargs="*", metavar="KEY",
+                        help="accepted API keys; /v1/* then need 'Authorization: Bearer <key>' (default: none)")
+    server.add_argument("--allow-origins", nargs="*", metavar="ORIGIN",
+                        help="CORS: origins allowed to call the API from a browser, or '*' (default: CORS off)")
+    server.add_argument("--allow-credentials", action="store_true", default=None,
+                        help="CORS: allow cookies and authorization headers on cross-origin requests")
+    server.add_argument("--allow-methods", nargs="*", metavar="METHOD", help="CORS: allowed methods (default '*')")
+    server.add_argument("--allow-headers", nargs="*", metavar="HEADER", help="CORS: allowed headers (default '*')")
+    server.add_argument("--log-level", type=str.upper, choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"),
+                        help="default INFO")
+    server.add_argument("--max-log-len", type=int,
+                        help="cut logged prompts to this many characters (default: no limit)")
+    server.add_argument("--disable-docs", action="store_true", default=None,
+                        help="do not serve the Swagger UI (/) and the OpenAPI document (/openapi.json)")
+    server.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 16 MiB)")
+    server.add_argument("--graceful-timeout", type=float, dest="graceful_timeout_s",
+                        help="seconds requests in flight may take to finish on shutdown (default 30)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trillm", description="trillm: an OpenAI-compatible LLM server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve a model, or talk to a server")
+    targets = serve.add_subparsers(dest="target", required=True, metavar="TARGET")
+    api_server = targets.add_parser(
+        "api_server", help="serve MODEL behind the OpenAI-compatible HTTP API",
+        description="Serve MODEL behind an OpenAI-compatible HTTP API with LMDeploy interactive sessions. "
+                    "Flags accept '-' or '_' between words.",
+    )
+    _add_engine_flags(api_server)
+    _add_server_flags(api_server)
+    for name in NOT_IMPLEMENTED:
+        stub = targets.add_parser(name, help="not implemented yet")
+        stub.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given for `cls`'s fields (unset flags keep the config's defaults)."""
+    values = {}
+    for field in attrs.fields(cls):
+        value = getattr(args, field.name, None)
+        if value is None or field.name == "engine":
+            continue
+        values[field.name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """A ServerConfig from parsed `serve api_server` flags.
+
+    Raises:
+        ValueError: a value fails the config's validation (the message names the flag).
+    """
+    engine = EngineConfig(**_fields(EngineConfig, args))
+    return ServerConfig(engine=engine, **_fields(ServerConfig, args))
+
+
+async def _wait_for_shutdown(state: Any, grace_s: float) -> None:
+    """Hypercorn's shutdown trigger: on SIGINT/SIGTERM drain, wait for in-flight requests, then return."""
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s: draining (new requests get 503; up to %.0f s for those in flight)",
+                     signal.Signals(signum).name, grace_s)
+            break
+        state.drain()
+        with trio.move_on_after(grace_s):
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_second_signal() -> None:
+                    async for signum in signals:
+                        log.warning("%s again: stopping now", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop_on_second_signal)
+                await state.wait_idle()
+                nursery.cancel_scope.cancel()
+    log.info("shutting down")
+
+
+async def serve(config: ServerConfig) -> None:
+    """Open the engine, then serve the app for `config` until SIGINT/SIGTERM (runs inside `trio.run`).
+
+    The engine opens before hypercorn binds, so a model that cannot load fails here, with nothing listening.
+
+    Raises:
+        ModelLoadError, EngineDeadError: the engine could not start.
+    """
+    import hypercorn.config
+    import hypercorn.trio
+    import trio
+
+    from trillm.actors.engine import Engine
+    from trillm.http.app import create_app
+
+    host = f"[{config.server_name}]" if ":" in config.server_name else config.server_name
+    hypercorn_config = hypercorn.config.Config()
+    hypercorn_config.bind = [f"{host}:{config.server_port}"]
+    hypercorn_config.graceful_timeout = 1.0  # the drain already waited for requests in flight
+    hypercorn_config.accesslog = None
+    async with Engine.open(config.engine) as engine:
+        app = create_app(config, engine=engine)
+        state = app.extensions["trillm"]
+        trigger = partial(_wait_for_shutdown, state, config.graceful_timeout_s)
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(hypercorn.trio.serve, app, hypercorn_config,
+                                                shutdown_trigger=trigger))
+            url = binds[0] if binds else f"http://{host}:{config.server_port}"
+            browser_url = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+            what = "API docs" if not config.disable_docs else "API"
+            print(f"trillm: serving {engine.model_name} at {url} -- open {browser_url} in a browser for the "
+                  f"{what}", flush=True)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `trillm` command."""
+    parser = build_parser()
+    args = parser.parse_args(_normalize(sys.argv[1:] if argv is None else argv))
+    if args.target in NOT_IMPLEMENTED:
+        parser.exit(2, f"trillm: `serve {args.target}` is not implemented yet\n")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.exit(2, f"trillm serve api_server: error: {exc}\n")
+    logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+    import trio
+
+    try:
+        trio.run(serve, config)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a failed start-up (model not found, rank failed): one line, not a traceback
+        log.debug("start-up failed", exc_info=True)
+        print(f"trillm: {_leaf(exc)}", file=sys.stderr)
+        return 1
+    return 0

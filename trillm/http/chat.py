@@ -1,0 +1,142 @@
+"""Chat completions: POST /v1/chat/completions, as one JSON answer or an SSE stream.
+
+Streaming: each choice's first chunk carries `role` (sent at once, before the first token), content chunks follow
+with each choice's own `index`, the chunk with a choice's last content carries its `finish_reason`, and with
+`stream_options.include_usage` one last chunk has `choices: []` and the usage.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator
+from functools import partial
+from typing import Any
+
+import attrs
+from quart import Blueprint, Response, request
+
+from trillm.http.choices import ChoiceTotals, chat_logprobs
+from trillm.http.errors import describe_exception
+from trillm.http.framing import SSE_DONE, sse_error, sse_event, streaming_response
+from trillm.http.metrics import RequestTrace
+from trillm.http.prompts import chat_prompt_ids, check_prompt_fits, generate_request, sampling_params
+from trillm.http.schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    DeltaMessage,
+    Usage,
+    encode,
+)
+from trillm.http.state import current_state
+from trillm.http.streams import ChoiceStream
+from trillm.http.validation import parse_body
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("chat", __name__)
+
+
+@attrs.frozen(kw_only=True)
+class _Reply:
+    """What every chunk or answer of one chat request repeats."""
+
+    id: str
+    created: int
+    model: str
+    n: int
+    num_prompt_tokens: int
+    num_top_logprobs: int | None  # None: no logprobs asked
+    tokenizer: Any
+    trace: RequestTrace
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=self.num_prompt_tokens + completion_tokens)
+
+    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+        return sse_event(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
+                                             usage=usage))
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions() -> Response:
+    """OpenAI chat completion (JSON or SSE)."""
+    state = current_state()
+    body = parse_body(ChatCompletionRequest, await request.get_data())
+    engine = state.engine_for_request(body.model)
+    tokenizer = engine.tokenizer
+    prompt_ids = chat_prompt_ids(tokenizer, body)
+    check_prompt_fits(prompt_ids, engine.max_model_len, "messages")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    num_top = (body.top_logprobs or 0) if body.logprobs else None
+    sampling = sampling_params(body, tokenizer.generation_defaults, tokenizer.vocab_size, max_tokens=max_tokens,
+                               logprobs=num_top)
+    reply = _Reply(id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()), model=engine.model_name,
+                   n=body.n, num_prompt_tokens=len(prompt_ids), num_top_logprobs=num_top, tokenizer=tokenizer,
+                   trace=state.metrics.trace("chat"))
+    generate = generate_request(body, request_id=reply.id, prompt_ids=prompt_ids, sampling=sampling)
+    log.info("%s chat: %d prompt tokens, n=%d, stream=%s, %s, messages=%s", reply.id, len(prompt_ids), body.n,
+             body.stream, sampling, state.truncate_for_log(body.messages))
+    stream = await state.open_stream([(0, partial(engine.generate, generate))])
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await streaming_response(_events(stream, reply, include_usage), "text/event-stream")
+    try:
+        totals = ChoiceTotals(body.n)
+        for index, output in await stream.collect():
+            totals.add(index, output)
+            reply.trace.on_tokens(len(output.token_ids))
+    finally:
+        elapsed_s = reply.trace.finish()
+    log.info("%s done in %.3f s: %d completion tokens, finish %s", reply.id, elapsed_s, totals.completion_tokens,
+             totals.finish_reasons)
+    answer = ChatCompletionResponse(
+        id=reply.id, created=reply.created, model=reply.model, usage=reply.usage(totals.completion_tokens),
+        choices=[
+            ChatChoice(
+                index=i,
+                message=ChatResponseMessage(content=totals.text(i)),
+                logprobs=None if num_top is None else chat_logprobs(tokenizer, totals.logprobs[i], num_top),
+                finish_reason=totals.finish_reasons[i],  # type: ignore[arg-type]
+            )
+            for i in range(body.n)
+        ],
+    )
+    return Response(encode(answer), content_type="application/json")
+
+
+async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
+    totals = ChoiceTotals(reply.n)
+    try:
+        yield b""  # sentinel (framing.primed)
+        for i in range(reply.n):  # one choice per chunk, as OpenAI streams n > 1
+            yield reply.chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        async for index, output in stream:
+            totals.add(index, output)
+            reply.trace.on_tokens(len(output.token_ids))
+            if not output.text and output.finish_reason is None and not output.logprobs:
+                continue  # nothing new to say (e.g. a token held back as a possible stop-string prefix)
+            logprobs = None
+            if reply.num_top_logprobs is not None:
+                logprobs = chat_logprobs(reply.tokenizer, output.logprobs, reply.num_top_logprobs)
+            finish = output.finish_reason.value if output.finish_reason is not None else None
+            yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=output.text),
+                                               logprobs=logprobs, finish_reason=finish)])  # type: ignore[arg-type]
+        if include_usage:
+            yield reply.chunk([], usage=reply.usage(totals.completion_tokens))
+        yield SSE_DONE
+    except Exception as exc:  # the engine failed mid-stream: the status is sent already, report in-band
+        _, detail = describe_exception(exc)
+        yield sse_error(detail)
+        yield SSE_DONE
+    finally:
+        stream.close()
+        elapsed_s = reply.trace.finish()
+        log.info("%s stream ended after %.3f s: %d completion tokens, finish %s", reply.id, elapsed_s,
+                 totals.completion_tokens, totals.finish_reasons)

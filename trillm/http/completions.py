@@ -1,0 +1,177 @@
+"""Text completions: POST /v1/completions, as one JSON answer or an SSE stream.
+
+A list of prompts gives one Engine request per prompt and `len(prompts) * n` choices (choice index = prompt index
+* n + i), all admitted before the response starts. `echo` prepends the prompt text (decoded for token-id prompts).
+`max_tokens: 0` answers at once with finish_reason `length` and no engine work.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import attrs
+from quart import Blueprint, Response, request
+
+from trillm.actors.messages import CompletionOutput, FinishReason
+from trillm.errors import InvalidRequestError
+from trillm.http.choices import ChoiceTotals, completion_logprobs
+from trillm.http.errors import describe_exception
+from trillm.http.framing import SSE_DONE, sse_error, sse_event, streaming_response
+from trillm.http.metrics import RequestTrace
+from trillm.http.prompts import (
+    check_prompt_fits,
+    completion_prompts,
+    generate_request,
+    sampling_params,
+)
+from trillm.http.schemas import CompletionChoice, CompletionRequest, CompletionResponse, Usage, encode
+from trillm.http.state import current_state
+from trillm.http.streams import ChoiceStream, OutputSource
+from trillm.http.validation import parse_body
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("completions", __name__)
+
+MAX_TOTAL_CHOICES = 1024  # prompts x n of one request: each choice is a sequence the engine must hold
+
+
+@attrs.frozen(kw_only=True)
+class _Reply:
+    """What every chunk or answer of one completion request repeats."""
+
+    id: str
+    created: int
+    model: str
+    num_choices: int
+    num_prompt_tokens: int
+    num_top_logprobs: int | None
+    echo_texts: list[str]  # per choice: the text to prepend ("" without echo)
+    tokenizer: Any
+    trace: RequestTrace
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=self.num_prompt_tokens + completion_tokens)
+
+    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        return sse_event(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                            usage=usage))
+
+
+@asynccontextmanager
+async def _no_generation(n: int, num_prompt_tokens: int) -> AsyncIterator[AsyncIterator[CompletionOutput]]:
+    """A source for `max_tokens: 0`: every choice ends at once with `length`."""
+
+    async def outputs() -> AsyncIterator[CompletionOutput]:
+        for i in range(n):
+            yield CompletionOutput(index=i, text="", token_ids=(), finish_reason=FinishReason.LENGTH,
+                                   num_prompt_tokens=num_prompt_tokens)
+
+    yield outputs()
+
+
+def _echo_texts(tokenizer: Any, body: CompletionRequest, prompts: list[tuple[int, ...]]) -> list[str]:
+    if not body.echo:
+        return [""] * (len(prompts) * body.n)
+    if isinstance(body.prompt, str):
+        texts = [body.prompt]
+    elif len(prompts) == 1 and all(isinstance(item, int) for item in body.prompt):  # one token-id prompt
+        texts = [tokenizer.decode(prompts[0], skip_special_tokens=False)]
+    else:
+        texts = [item if isinstance(item, str) else tokenizer.decode(ids, skip_special_tokens=False)
+                 for item, ids in zip(body.prompt, prompts)]
+    return [text for text in texts for _ in range(body.n)]
+
+
+@bp.post("/v1/completions")
+async def completions() -> Response:
+    """OpenAI text completion (JSON or SSE)."""
+    state = current_state()
+    body = parse_body(CompletionRequest, await request.get_data())
+    engine = state.engine_for_request(body.model)
+    tokenizer = engine.tokenizer
+    prompts = completion_prompts(tokenizer, body)
+    if len(prompts) * body.n > MAX_TOTAL_CHOICES:
+        raise InvalidRequestError(f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_TOTAL_CHOICES} "
+                                  "choices in one request", param="n")
+    for prompt_ids in prompts:
+        check_prompt_fits(prompt_ids, engine.max_model_len, "prompt")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    sampling = sampling_params(body, tokenizer.generation_defaults, tokenizer.vocab_size, max_tokens=max_tokens,
+                               logprobs=body.logprobs)
+    reply = _Reply(id=f"cmpl-{secrets.token_hex(12)}", created=int(time.time()), model=engine.model_name,
+                   num_choices=len(prompts) * body.n, num_prompt_tokens=sum(map(len, prompts)),
+                   num_top_logprobs=body.logprobs, echo_texts=_echo_texts(tokenizer, body, prompts),
+                   tokenizer=tokenizer, trace=state.metrics.trace("completions"))
+    log.info("%s completion: %d prompt(s), %d prompt tokens, n=%d, stream=%s, %s, prompt=%s", reply.id,
+             len(prompts), reply.num_prompt_tokens, body.n, body.stream, sampling, state.truncate_for_log(body.prompt))
+    sources: list[tuple[int, OutputSource]] = []
+    for p, prompt_ids in enumerate(prompts):
+        if max_tokens == 0:
+            sources.append((p * body.n, partial(_no_generation, body.n, len(prompt_ids))))
+            continue
+        generate = generate_request(body, request_id=f"{reply.id}-{p}", prompt_ids=prompt_ids, sampling=sampling)
+        sources.append((p * body.n, partial(engine.generate, generate)))
+    stream = await state.open_stream(sources)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return await streaming_response(_events(stream, reply, include_usage), "text/event-stream")
+    try:
+        totals = ChoiceTotals(reply.num_choices)
+        for index, output in await stream.collect():
+            totals.add(index, output)
+            reply.trace.on_tokens(len(output.token_ids))
+    finally:
+        elapsed_s = reply.trace.finish()
+    log.info("%s done in %.3f s: %d completion tokens", reply.id, elapsed_s, totals.completion_tokens)
+    choices = []
+    for i in range(reply.num_choices):
+        logprobs = None
+        if reply.num_top_logprobs is not None:
+            logprobs, _ = completion_logprobs(tokenizer, totals.logprobs[i], reply.num_top_logprobs,
+                                              len(reply.echo_texts[i]))
+        choices.append(CompletionChoice(index=i, text=reply.echo_texts[i] + totals.text(i), logprobs=logprobs,
+                                        finish_reason=totals.finish_reasons[i]))  # type: ignore[arg-type]
+    answer = CompletionResponse(id=reply.id, created=reply.created, model=reply.model, choices=choices,
+                                usage=reply.usage(totals.completion_tokens))
+    return Response(encode(answer), content_type="application/json")
+
+
+async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
+    totals = ChoiceTotals(reply.num_choices)
+    offsets = [len(text) for text in reply.echo_texts]  # logprobs text_offset per choice
+    try:
+        yield b""  # sentinel (framing.primed)
+        for i, text in enumerate(reply.echo_texts):  # one choice per chunk
+            if text:
+                yield reply.chunk([CompletionChoice(index=i, text=text)])
+        async for index, output in stream:
+            totals.add(index, output)
+            reply.trace.on_tokens(len(output.token_ids))
+            if not output.text and output.finish_reason is None and not output.logprobs:
+                continue
+            logprobs = None
+            if reply.num_top_logprobs is not None:
+                logprobs, offsets[index] = completion_logprobs(reply.tokenizer, output.logprobs,
+                                                               reply.num_top_logprobs, offsets[index])
+            finish = output.finish_reason.value if output.finish_reason is not None else None
+            yield reply.chunk([CompletionChoice(index=index, text=output.text, logprobs=logprobs,
+                                                finish_reason=finish)])  # type: ignore[arg-type]
+        if include_usage:
+            yield reply.chunk([], usage=reply.usage(totals.completion_tokens))
+        yield SSE_DONE
+    except Exception as exc:  # the engine failed mid-stream: the status is sent already, report in-band
+        _, detail = describe_exception(exc)
+        yield sse_error(detail)
+        yield SSE_DONE
+    finally:
+        stream.close()
+        elapsed_s = reply.trace.finish()
+        log.info("%s stream ended after %.3f s: %d completion tokens", reply.id, elapsed_s, totals.completion_tokens)

@@ -1,0 +1,128 @@
+"""ServerMetrics: the Prometheus metrics of one app, served as text at /metrics.
+
+HTTP-side measurements (requests by status, TTFT / TPOT / end-to-end latency) are recorded as requests pass; the
+engine's state (running and waiting requests, KV usage, sessions, token counters) is read from
+`Engine.statistics()` at scrape time by a collector, so there is no second bookkeeping of it here.
+
+Names are `trillm:*`. The Kubernetes Gateway API Inference Extension's model-server protocol asks for a
+TotalQueuedRequests gauge, a TotalRunningRequests gauge and a KVCacheUtilization gauge (fraction 0-1); its endpoint
+picker scrapes them by name and defaults to vLLM's names, so the same three values are also exported as
+`vllm:num_requests_waiting`, `vllm:num_requests_running` and `vllm:kv_cache_usage_perc` (plus the older
+`vllm:gpu_cache_usage_perc`): a trillm replica joins an InferencePool without extra EPP flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+_TOKEN_LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class _EngineCollector(Collector):
+    """Reads `Engine.statistics()` on each scrape; exports nothing while no engine is up."""
+
+    def __init__(self, read_stats: Callable[[], Any | None], model_name: Callable[[], str]) -> None:
+        self._read_stats = read_stats
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._read_stats()
+        if stats is None:
+            return
+        labels = {"model_name": self._model_name()}
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=list(labels))
+            family.add_metric(list(labels.values()), value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=list(labels))
+            family.add_metric(list(labels.values()), value)
+            return family
+
+        running, waiting, kv_usage = stats.num_running, stats.num_waiting, stats.kv_usage
+        yield gauge("trillm:num_requests_running", "Sequences in the running batch.", running)
+        yield gauge("trillm:num_requests_waiting", "Sequences waiting for admission (queued).", waiting)
+        yield gauge("trillm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", kv_usage)
+        yield gauge("trillm:num_sessions", "Interactive sessions held by the engine.", stats.num_sessions)
+        yield gauge("trillm:num_free_blocks", "Free KV-cache blocks.", stats.num_free_blocks)
+        yield counter("trillm:prompt_tokens", "Prompt tokens of admitted sequences.", stats.prompt_tokens_total)
+        yield counter("trillm:computed_prompt_tokens", "Prompt tokens actually prefilled (not reused from cache).",
+                      stats.computed_prompt_tokens_total)
+        yield counter("trillm:generation_tokens", "Generated tokens.", stats.generation_tokens_total)
+        yield counter("trillm:num_preemptions", "Sequences preempted for lack of KV blocks.", stats.num_preemptions)
+        # Gateway API Inference Extension (endpoint picker) defaults: same values, vLLM's names.
+        yield gauge("vllm:num_requests_waiting", "Alias of trillm:num_requests_waiting for the Gateway API "
+                    "Inference Extension endpoint picker.", waiting)
+        yield gauge("vllm:num_requests_running", "Alias of trillm:num_requests_running.", running)
+        yield gauge("vllm:kv_cache_usage_perc", "Alias of trillm:kv_cache_usage_perc (fraction 0-1).", kv_usage)
+        yield gauge("vllm:gpu_cache_usage_perc", "Alias of trillm:kv_cache_usage_perc (older EPP default).",
+                    kv_usage)
+
+
+class RequestTrace:
+    """Timing of one generation request: feeds TTFT, TPOT and end-to-end latency when it finishes."""
+
+    def __init__(self, metrics: ServerMetrics, endpoint: str) -> None:
+        self._metrics = metrics
+        self.endpoint = endpoint
+        self.start_s = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.num_output_tokens = 0
+        self._is_finished = False
+
+    def on_tokens(self, num_tokens: int) -> None:
+        if num_tokens and self.first_token_s is None:
+            self.first_token_s = time.perf_counter()
+            self._metrics.time_to_first_token.observe(self.first_token_s - self.start_s)
+        self.num_output_tokens += num_tokens
+
+    def finish(self) -> float:
+        """Record the end-to-end latency (once) and return it in seconds."""
+        elapsed_s = time.perf_counter() - self.start_s
+        if self._is_finished:
+            return elapsed_s
+        self._is_finished = True
+        self._metrics.e2e_latency.observe(elapsed_s)
+        if self.first_token_s is not None and self.num_output_tokens > 1:
+            per_token_s = (time.perf_counter() - self.first_token_s) / (self.num_output_tokens - 1)
+            self._metrics.time_per_output_token.observe(per_token_s)
+        return elapsed_s
+
+
+class ServerMetrics:
+    """The registry of one app (each app has its own, so tests can build many)."""
+
+    def __init__(self, read_stats: Callable[[], Any | None], model_name: Callable[[], str]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("trillm:http_requests", "HTTP requests by route and status.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.time_to_first_token = Histogram("trillm:time_to_first_token_seconds", "Time to the first token.",
+                                             buckets=_LATENCY_BUCKETS_S, registry=self.registry)
+        self.time_per_output_token = Histogram("trillm:time_per_output_token_seconds",
+                                               "Mean time per output token after the first.",
+                                               buckets=_TOKEN_LATENCY_BUCKETS_S, registry=self.registry)
+        self.e2e_latency = Histogram("trillm:e2e_request_latency_seconds", "Request latency, arrival to last token.",
+                                     buckets=_LATENCY_BUCKETS_S, registry=self.registry)
+        self.registry.register(_EngineCollector(read_stats, model_name))
+
+    def trace(self, endpoint: str) -> RequestTrace:
+        return RequestTrace(self, endpoint)
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,174 @@
+"""Request translation: validated HTTP request objects → the Engine's prompt token ids and SamplingParams.
+
+Checks that need the model live here: token ids below the vocabulary size, prompts that fit the context window.
+Unset sampling values come from the model's generation_config.json (`Tokenizer.generation_defaults`), else from
+OpenAI's defaults (temperature 1, top_p 1, top_k off, min_p off, repetition_penalty 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from trillm.actors.messages import GenerateRequest, SamplingParams
+from trillm.errors import ContextLengthExceededError, InvalidRequestError
+from trillm.http.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, InteractiveRequest, SamplingFields
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from trillm.tokenizer import Tokenizer
+
+OPENAI_DEFAULTS: Mapping[str, float | int] = {
+    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+}
+
+
+def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as the plain dicts a chat template expects; text parts are joined with newlines."""
+    result = []
+    for message in messages:
+        content = message.content
+        if isinstance(content, list):
+            content = "\n".join(part.text for part in content)
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        result.append(entry)
+    return result
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, request: ChatCompletionRequest) -> tuple[int, ...]:
+    """The prompt of a chat request: the chat template over the messages, or their bare text (do_preprocess false).
+
+    Raises:
+        InvalidRequestError: the chat template rejects the messages (e.g. roles out of order).
+    """
+    messages = request.messages
+    if not request.do_preprocess:
+        text = messages if isinstance(messages, str) else "".join(m["content"] for m in message_dicts(messages))
+        return tuple(tokenizer.encode(text, add_bos=True))
+    if isinstance(messages, str):
+        return tuple(tokenizer.encode_chat([{"role": "user", "content": messages}]))
+    return tuple(tokenizer.encode_chat(message_dicts(messages)))
+
+
+def completion_prompts(tokenizer: Tokenizer, request: CompletionRequest) -> list[tuple[int, ...]]:
+    """The prompts of a text completion request as token ids, one entry per prompt.
+
+    Raises:
+        InvalidRequestError: a token id is outside the vocabulary.
+    """
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [tuple(tokenizer.encode(prompt, add_bos=True))]
+    if all(isinstance(item, int) for item in prompt):
+        ids = tuple(item for item in prompt if isinstance(item, int))
+        check_token_ids(ids, tokenizer.vocab_size, "prompt")
+        return [ids]
+    prompts: list[tuple[int, ...]] = []
+    for i, item in enumerate(prompt):
+        if isinstance(item, str):
+            prompts.append(tuple(tokenizer.encode(item, add_bos=True)))
+        elif isinstance(item, list):
+            check_token_ids(item, tokenizer.vocab_size, f"prompt[{i}]")
+            prompts.append(tuple(item))
+    return prompts
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    """Raises InvalidRequestError naming `param` when an id is not in [0, vocab_size)."""
+    for i, token_id in enumerate(ids):
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(
+                f"{param}[{i}]: token id {token_id} is outside the vocabulary [0, {vocab_size})", param=param
+            )
+
+
+def check_prompt_fits(prompt_ids: Sequence[int], max_model_len: int, param: str) -> None:
+    """Raises InvalidRequestError for an empty prompt, ContextLengthExceededError for one that leaves no room."""
+    if not prompt_ids:
+        raise InvalidRequestError(f"{param} is empty: there is nothing to continue from", param=param)
+    if len(prompt_ids) >= max_model_len:
+        raise ContextLengthExceededError(len(prompt_ids), max_model_len, param=param)
+
+
+def _pick(value: float | int | None, name: str, defaults: Mapping[str, float | int]) -> Any:
+    if value is not None:
+        return value
+    return defaults.get(name, OPENAI_DEFAULTS[name])
+
+
+def sampling_params(request: SamplingFields, defaults: Mapping[str, float | int], vocab_size: int, *,
+                    max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """The SamplingParams of a chat or completion request.
+
+    Raises:
+        InvalidRequestError: stop_token_ids or logit_bias name a token outside the vocabulary.
+    """
+    top_k = _pick(request.top_k, "top_k", defaults)
+    stop_token_ids = tuple(request.stop_token_ids or ())
+    check_token_ids(stop_token_ids, vocab_size, "stop_token_ids")
+    logit_bias = tuple((int(key), float(bias)) for key, bias in (request.logit_bias or {}).items())
+    check_token_ids([token_id for token_id, _ in logit_bias], vocab_size, "logit_bias")
+    return _build(
+        temperature=float(_pick(request.temperature, "temperature", defaults)),
+        top_p=float(_pick(request.top_p, "top_p", defaults)),
+        top_k=max(int(top_k), 0),  # -1 (vLLM's "off") and 0 both mean off
+        min_p=float(_pick(request.min_p, "min_p", defaults)),
+        repetition_penalty=float(_pick(request.repetition_penalty, "repetition_penalty", defaults)),
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logit_bias=logit_bias,
+        seed=request.seed,
+        max_tokens=max_tokens,
+        min_tokens=request.min_new_tokens if request.min_new_tokens is not None else request.min_tokens,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=request.ignore_eos,
+        logprobs=logprobs,
+    )
+
+
+def interactive_sampling(request: InteractiveRequest) -> SamplingParams:
+    """The SamplingParams of an interactive turn (its defaults are LMDeploy's: 0.8 / 0.8 / 40)."""
+    return _build(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=max(request.top_k, 0),
+        min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
+        seed=request.seed,
+        max_tokens=request.request_output_len,
+        min_tokens=request.min_new_tokens or 0,
+        ignore_eos=request.ignore_eos,
+    )
+
+
+def _build(**fields: Any) -> SamplingParams:
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:  # bounds the schema did not catch, e.g. a bad generation_config default
+        raise InvalidRequestError(str(exc)) from None
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def generate_request(request: SamplingFields, *, request_id: str, prompt_ids: tuple[int, ...],
+                     sampling: SamplingParams) -> GenerateRequest:
+    """The GenerateRequest of one prompt of a chat or completion request."""
+    session_id = request.session_id if request.session_id not in (None, -1) else None
+    return GenerateRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt_ids,
+        sampling=sampling,
+        n=request.n,
+        stop=stop_strings(request.stop),
+        skip_special_tokens=request.skip_special_tokens,
+        spaces_between_special_tokens=request.spaces_between_special_tokens,
+        session_id=session_id,
+    )

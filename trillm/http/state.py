@@ -1,0 +1,166 @@
+"""ServerState: what one app holds between requests — the Engine, the drain flag, in-flight requests, metrics.
+
+The Engine is either injected (tests, embedding) or opened by the app: `run_engine` enters `Engine.open` in the
+app's nursery at startup and leaves it at shutdown. An Engine context that fails while serving does not take the
+app's nursery down with it: the failure is recorded, /health turns 503 and every request gets 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from typing import TYPE_CHECKING, Any, cast
+
+import trio
+from quart import current_app
+from quart_trio import QuartTrio
+
+from trillm.config import ServerConfig
+from trillm.errors import EngineDeadError, EngineDrainingError, ModelNotFoundError
+from trillm.http.metrics import ServerMetrics
+from trillm.http.schemas import encode
+from trillm.http.streams import ChoiceStream, OutputSource
+
+if TYPE_CHECKING:
+    from trillm.actors.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    """Per-app server state; views reach it with `current_state()`."""
+
+    def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.engine: Any = engine  # Engine, or any object with its public API (tests use a FakeEngine)
+        self.is_engine_owned = engine is None
+        self.failure: str | None = None
+        self.is_draining = False
+        self.num_in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._closing = trio.Event()
+        self._closed = trio.Event()
+        self.metrics = ServerMetrics(self._read_stats, self._model_name)
+
+    # ---------------------------------------------------------------- engine lifetime
+
+    async def run_engine(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the Engine, report ready, and hold it open until `close_engine` (runs in the app's nursery).
+
+        Raises:
+            whatever `Engine.open` raises before the engine is ready (startup then fails loudly).
+        """
+        from trillm.actors.engine import Engine  # imported late: building an app (tests, docs) needs no engine
+
+        if multiprocessing.current_process().daemon:
+            raise RuntimeError(
+                "this process is daemonic and cannot start the engine's rank processes: serve with "
+                "`trillm serve api_server`, or `hypercorn --config python:trillm.http.hypercorn_config "
+                "trillm.http.app:app` (it sets daemon = false)"
+            )
+        is_started = False
+        try:
+            async with Engine.open(self.config.engine) as engine:
+                self.engine = engine
+                log.info("engine ready: %s (max_model_len %d) on %s", engine.model_name, engine.max_model_len,
+                         engine.device_name)
+                task_status.started()
+                is_started = True
+                await self._closing.wait()
+        except Exception as exc:
+            if not is_started:
+                raise
+            self.failure = f"engine stopped: {exc!r}"
+            log.exception("engine failed while serving")
+        finally:
+            self._closed.set()
+
+    async def close_engine(self) -> None:
+        """Ask `run_engine` to leave the Engine context and wait until it has."""
+        self._closing.set()
+        if self.is_engine_owned and self.engine is not None:
+            await self._closed.wait()
+
+    def _read_stats(self) -> Any | None:
+        return self.engine.statistics() if self.engine is not None else None
+
+    def _model_name(self) -> str:
+        return str(self.engine.model_name) if self.engine is not None else ""
+
+    @property
+    def is_alive(self) -> bool:
+        return self.engine is not None and self.failure is None and bool(self.engine.is_alive)
+
+    def failure_reason(self) -> str:
+        if self.engine is None:
+            return "The engine is not running"
+        return self.failure or self.engine.failure or "The engine has failed"
+
+    def engine_for_request(self, model: str | None = None) -> Any:
+        """The engine, checked for a new request.
+
+        Raises:
+            EngineDrainingError: the server is shutting down (503).
+            EngineDeadError: the engine failed (503).
+            ModelNotFoundError: `model` is set and is not the served model (404).
+        """
+        if self.is_draining:
+            raise EngineDrainingError("The server is shutting down and accepts no new requests")
+        if not self.is_alive:
+            raise EngineDeadError(self.failure_reason())
+        if model is not None and model != self.engine.model_name:
+            raise ModelNotFoundError(model)
+        return self.engine
+
+    def engine_for_control(self) -> Any:
+        """The engine for a session cancel or end, which are always accepted (also while draining).
+
+        Raises:
+            EngineDeadError: there is no engine at all (503).
+        """
+        if self.engine is None:
+            raise EngineDeadError(self.failure_reason())
+        return self.engine
+
+    # ---------------------------------------------------------------- in-flight requests and draining
+
+    async def open_stream(self, sources: list[tuple[int, OutputSource]]) -> ChoiceStream:
+        """Start the Engine requests of one HTTP request in the app's nursery; counted until the stream closes."""
+        app = cast(QuartTrio, current_app)
+        stream = await ChoiceStream.open(app.nursery, sources)
+        self.num_in_flight += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        stream.on_close = self._request_done
+        return stream
+
+    def _request_done(self) -> None:
+        self.num_in_flight -= 1
+        if self.num_in_flight == 0:
+            self._idle.set()
+
+    def drain(self) -> None:
+        """Refuse new requests with 503 from now on; requests in flight run to completion."""
+        if not self.is_draining:
+            log.info("draining: %d request(s) in flight", self.num_in_flight)
+        self.is_draining = True
+        if self.engine is not None and hasattr(self.engine, "drain"):
+            self.engine.drain()
+
+    def truncate_for_log(self, value: object) -> str:
+        """A prompt (text, messages or token ids) as log text, cut to --max-log-len characters."""
+        text = value if isinstance(value, str) else encode(value).decode()
+        limit = self.config.max_log_len
+        if limit is None or len(text) <= limit:
+            return repr(text)
+        return f"{text[:limit]!r}... ({len(text)} chars)"
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight."""
+        await self._idle.wait()
+
+
+def current_state() -> ServerState:
+    """The ServerState of the app handling the current request."""
+    state: ServerState = current_app.extensions["trillm"]
+    return state

@@ -1,0 +1,124 @@
+"""ChoiceStream: the merged outputs of the Engine requests that serve one HTTP request.
+
+One HTTP request may need several Engine requests (a completion with a list of prompts), and a streamed response
+is produced by an async generator that Quart iterates after the view has returned. A nursery inside that
+generator would be unsafe (a generator suspended at `yield` inside a nursery, or finalized by the garbage
+collector, breaks Trio's cancel-scope nesting), so each Engine request runs in a pump task in the app's nursery:
+
+    view ──nursery.start(pump)──▶ pump: async with engine.generate(req) ─┐  admission errors (400/409/503) are
+                                                                          │  raised by nursery.start in the view
+    body generator ◀──(choice_index, CompletionOutput)── channel ◀────────┘  outputs, or an exception, after that
+
+`ChoiceStream.close()` is synchronous (cancel the pumps' scopes, close the receive end), so it is safe from a
+generator's `finally` in any task; a pump whose scope is cancelled leaves the Engine context, which aborts its
+sequences (their KV blocks are freed at the next engine step). Pumps never let an exception escape into the app's
+nursery: after admission, every exception goes through the channel to the consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+import trio
+
+from trillm.actors.messages import CompletionOutput
+
+log = logging.getLogger(__name__)
+
+OutputSource = Callable[[], AbstractAsyncContextManager[AsyncIterator[CompletionOutput]]]
+Item = tuple[int, CompletionOutput]
+
+
+class ChoiceStream:
+    """(choice_index, CompletionOutput) pairs of several Engine requests, in arrival order.
+
+    Each source's `CompletionOutput.index` is offset by that source's base index (prompt index × n).
+    """
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[Item | BaseException](0)
+        self._scopes: list[trio.CancelScope] = []
+        self._is_closed = False
+        self.on_close: Callable[[], None] | None = None
+
+    @classmethod
+    async def open(cls, nursery: trio.Nursery, sources: Sequence[tuple[int, OutputSource]]) -> ChoiceStream:
+        """Start one pump per (base index, source); returns once every source has admitted its request.
+
+        Raises:
+            whatever a source raises on entry (ContextLengthExceededError, SessionBusyError, EngineDrainingError,
+            ...); the pumps already started are cancelled first.
+        """
+        stream = cls()
+        try:
+            async with stream._send:  # each pump holds a clone; the receive end ends when the last one closes
+                for base_index, source in sources:
+                    scope = trio.CancelScope()
+                    stream._scopes.append(scope)
+                    await nursery.start(stream._pump, base_index, source, scope, stream._send.clone())
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    async def _pump(self, base_index: int, source: OutputSource, scope: trio.CancelScope,
+                    send: trio.MemorySendChannel[Item | BaseException],
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope, send:
+            is_started = False
+            try:
+                async with source() as outputs:
+                    task_status.started()
+                    is_started = True
+                    async for output in outputs:
+                        await send.send((base_index + output.index, output))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                if not is_started:
+                    raise
+            except Exception as exc:
+                if not is_started:
+                    raise
+                log.debug("request failed after admission: %r", exc)
+                try:
+                    await send.send(exc)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the consumer is gone; nothing to report to
+
+    def __aiter__(self) -> ChoiceStream:
+        return self
+
+    async def __anext__(self) -> Item:
+        """The next output.
+
+        Raises:
+            the exception a pump hit after admission (e.g. EngineDeadError).
+        """
+        try:
+            item = await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self.close()
+            raise StopAsyncIteration from None
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    async def collect(self) -> list[Item]:
+        """Every output until all sources finish (closes the stream, also when cancelled)."""
+        try:
+            return [item async for item in self]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the pumps (aborting their sequences) and stop receiving. Idempotent and synchronous."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        for scope in self._scopes:
+            scope.cancel()
+        self._receive.close()
+        if self.on_close is not None:
+            self.on_close()
+
