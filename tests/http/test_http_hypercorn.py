@@ -1,7 +1,8 @@
-"""`hypercorn --worker-class trio ... trillm.http.app:app` serves the default model, configured by TRILLM_* variables.
+"""`hypercorn --worker-class trio trillm.http.app:app` serves the default model, configured by TRILLM_* variables.
 
-Hypercorn's workers are daemonic unless told otherwise, and a daemonic process cannot start the engine's rank
-processes: `--config python:trillm.http.hypercorn_config` sets `daemon = false` (and the bind from the env).
+Hypercorn's CLI workers are daemonic; rank processes are plain subprocesses, so they start from there too. Both the
+plain command (with `--bind`) and the optional config module (`--config python:trillm.http.hypercorn_config`, which
+binds from TRILLM_SERVER_NAME/PORT) are checked.
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_hypercorn_cli_serves_the_app_from_env(smollm2_folder: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("use_config_module", [False, True], ids=["plain", "config-module"])
+def test_hypercorn_cli_serves_the_app_from_env(smollm2_folder: str, tmp_path: Path, use_config_module: bool) -> None:
     port = free_port()
+    options = (["--config", "python:trillm.http.hypercorn_config"] if use_config_module
+               else ["--bind", f"127.0.0.1:{port}"])
     env = {**os.environ, "TRILLM_MODEL": smollm2_folder, "TRILLM_MODEL_NAME": "smol", "TRILLM_SESSION_LEN": "256",
            "TRILLM_SERVER_NAME": "127.0.0.1", "TRILLM_SERVER_PORT": str(port), "TRILLM_API_KEYS": "k1,k2",
            "TRILLM_LOG_LEVEL": "WARNING"}
     log_path = tmp_path / "hypercorn.log"
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
-            [HYPERCORN, "--worker-class", "trio", "--config", "python:trillm.http.hypercorn_config",
-             "trillm.http.app:app"], env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
+            [HYPERCORN, "--worker-class", "trio", *options, "trillm.http.app:app"], env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
         )
     try:
         url = f"http://127.0.0.1:{port}"

@@ -1,15 +1,16 @@
 """GPUWorkerActor: the one owner of the pipe to one tensor-parallel rank process.
 
 The serving process reaches GPU code only here. Each worker spawns its rank (`trillm.gpu.rank.rank_main`, or a test's
-stand-in with the same signature) in a `multiprocessing` "spawn" process over a `socket.socketpair()`, waits for its
-`RankReady`, then serves the Batcher's StepPlans in order: send a plan, await the rank's StepResult, pass it on. One
+stand-in with the same signature) as `python -m trillm.gpu.rank --fd N` over a `socket.socketpair()` — a plain
+subprocess, so daemonic hosts such as hypercorn's CLI workers can start it too — sends it its RunnerConfig, waits for
+its `RankReady`, then serves the Batcher's StepPlans in order: send a plan, await the rank's StepResult, pass it on. One
 task owns the pipe, so a reply can never be read by the wrong waiter (STACK.md).
 
 Wire format, both ways (the same as `gpu/rank.py`'s blocking helpers): an 8-byte little-endian unsigned length, then
 `pickle.dumps(message, protocol=5)`.
 
 Supervision. The worker raises `EngineDeadError` when the rank reports `RankFailed`, closes its socket, or exits —
-a watcher task waits on the process sentinel, so a rank that dies while the engine is idle is noticed at once. The
+a watcher task waits on the process's pidfd, so a rank that dies while the engine is idle is noticed at once. The
 exception crashes the Engine's actor nursery, and the Engine marks itself dead. On the way out (normal or not) the
 worker asks the rank to shut down, waits `SHUTDOWN_GRACE_S`, and kills it if it is still there.
 
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import multiprocessing
+import os
 import pickle
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -155,7 +158,7 @@ class GPUWorkerActor:
         self._plans = plans
         self._results = results
         self._target = target or rank_main
-        self._process: multiprocessing.process.BaseProcess | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._num_steps = 0
         self._is_stepping = False  # a plan is out and its reply not read yet
 
@@ -173,15 +176,13 @@ class GPUWorkerActor:
         # supervisor before the Batcher, woken by the closed channels, reports a vaguer one.
         with self._plans, self._results:
             parent_socket, child_socket = socket.socketpair()
-            process = multiprocessing.get_context("spawn").Process(
-                target=self._target, args=(self._config, child_socket), name=f"trillm-rank{self.rank}", daemon=True
-            )
-            process.start()  # spawn: fork+exec of a fresh interpreter; returns in milliseconds
+            process = self._spawn(child_socket)  # fork+exec of a fresh interpreter; returns in milliseconds
             child_socket.close()  # the child holds its own copy: EOF here now means the child is gone
             self._process = process
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_socket))
             try:
                 reader = FrameReader(stream)
+                await send_frame(stream, self._config)  # the rank's first read; fits the socket buffer
                 ready = await self._handshake(reader, process)  # a rank that dies here closes the socket: EOF
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch, process)
@@ -192,7 +193,16 @@ class GPUWorkerActor:
                 with trio.CancelScope(shield=True):
                     await self._stop(stream, process)
 
-    async def _handshake(self, reader: FrameReader, process: multiprocessing.process.BaseProcess) -> RankReady:
+    def _spawn(self, child_socket: socket.socket) -> subprocess.Popen[bytes]:
+        """Start `python -m trillm.gpu.rank` with `child_socket` inherited; it sees this process's import path."""
+        fd = child_socket.fileno()
+        command = [sys.executable, "-m", "trillm.gpu.rank", "--fd", str(fd)]
+        if self._target is not rank_main:
+            command += ["--target", f"{self._target.__module__}:{self._target.__qualname__}"]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
+        return subprocess.Popen(command, pass_fds=(fd,), env=env)
+
+    async def _handshake(self, reader: FrameReader, process: subprocess.Popen[bytes]) -> RankReady:
         try:
             message = await reader.receive()
         except EOFError:
@@ -210,7 +220,7 @@ class GPUWorkerActor:
                 raise EngineDeadError(f"rank {self.rank} sent {type(message).__name__} instead of RankReady")
 
     async def _serve(
-        self, stream: trio.SocketStream, reader: FrameReader, process: multiprocessing.process.BaseProcess
+        self, stream: trio.SocketStream, reader: FrameReader, process: subprocess.Popen[bytes]
     ) -> None:
         async for plan in self._plans:
             self._is_stepping = True
@@ -232,35 +242,47 @@ class GPUWorkerActor:
                 case _:
                     raise EngineDeadError(f"rank {self.rank} answered step {plan.step_id} with {reply!r:.200}")
 
-    async def _watch(self, process: multiprocessing.process.BaseProcess) -> None:
+    async def _watch(self, process: subprocess.Popen[bytes]) -> None:
         """Raise as soon as the rank process ends between steps (during a step, `_serve` reports it: one error)."""
-        await trio.lowlevel.wait_readable(process.sentinel)
+        await _wait_exited(process)
         if self._is_stepping:
             return
         raise EngineDeadError(f"rank {self.rank} process died ({await self._exit_status(process)})")
 
-    async def _exit_status(self, process: multiprocessing.process.BaseProcess) -> str:
-        # Polled: the sentinel fires a moment before the exit code is there, and the watcher may be waiting on it.
+    async def _exit_status(self, process: subprocess.Popen[bytes]) -> str:
+        # Polled: a closed socket comes a moment before the exit, and the watcher may be waiting on the pidfd.
         with trio.move_on_after(EXIT_CODE_WAIT_S):
-            while process.exitcode is None:
+            while process.poll() is None:
                 await trio.sleep(EXIT_POLL_S)
-        return "still running" if process.exitcode is None else f"exit code {process.exitcode}"
+        return "still running" if process.returncode is None else f"exit code {process.returncode}"
 
-    async def _stop(self, stream: trio.SocketStream, process: multiprocessing.process.BaseProcess) -> None:
+    async def _stop(self, stream: trio.SocketStream, process: subprocess.Popen[bytes]) -> None:
         """Ask the rank to exit, give it SHUTDOWN_GRACE_S, then kill it; close the socket (runs shielded)."""
-        if process.exitcode is None:
+        if process.poll() is None:
             with trio.move_on_after(SHUTDOWN_GRACE_S) as waiting:
                 try:
                     await send_frame(stream, Shutdown())
                 except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                     pass  # dead, or the pipe's owner was cancelled mid-send: the kill below takes care of it
-                await trio.lowlevel.wait_readable(process.sentinel)
+                await _wait_exited(process)
             if waiting.cancelled_caught:
                 log.warning("rank %d did not exit within %.0f s of Shutdown: killing it", self.rank, SHUTDOWN_GRACE_S)
                 process.kill()
-        await trio.to_thread.run_sync(process.join)  # reaps it: the sentinel fires a moment before exit completes
+        await trio.to_thread.run_sync(process.wait)  # reaps it
         await stream.aclose()
-        log.info("rank %d stopped (exit code %s) after %d steps", self.rank, process.exitcode, self._num_steps)
+        log.info("rank %d stopped (exit code %s) after %d steps", self.rank, process.returncode, self._num_steps)
+
+
+async def _wait_exited(process: subprocess.Popen[bytes]) -> None:
+    """Sleep until `process` has exited, without reaping it: its pidfd turns readable then (Linux ≥ 5.3)."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
+        return  # already reaped by a poll()
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 class InProcessWorkerActor:

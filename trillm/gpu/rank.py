@@ -1,7 +1,9 @@
 """Rank process: the spawned entry point that builds one ModelRunner and answers StepPlans until told to stop.
 
-Runs outside the event loop, in its own process (multiprocessing "spawn" context), one per tensor-parallel rank.
-`actors/gpu_worker.py` owns the other end of the socket.
+Runs outside the event loop, in its own process, one per tensor-parallel rank: `actors/gpu_worker.py` starts
+`python -m trillm.gpu.rank --fd N` with its end of a socket pair inherited as file descriptor N, sends the pickled
+`RunnerConfig` as the first frame, and owns the other end from then on. A plain subprocess (not multiprocessing)
+works from daemonic processes too, such as hypercorn's CLI workers, and never re-imports the parent's `__main__`.
 
 Wire format, both ways: an 8-byte little-endian unsigned length, then `pickle.dumps(message, protocol=5)`.
 
@@ -23,6 +25,8 @@ import socket
 import struct
 import sys
 import traceback
+from collections.abc import Callable, Sequence
+from importlib import import_module
 from typing import Any
 
 from trillm.actors.messages import RankFailed, RankReady, Shutdown, StepPlan
@@ -115,3 +119,32 @@ def _serve(config: RunnerConfig, sock: socket.socket) -> int:
     finally:
         if runner is not None:
             runner.close()
+
+
+def _load_target(spec: str) -> Callable[[RunnerConfig, socket.socket], None]:
+    """`module:function` → the function (tests start stand-in ranks that speak the same protocol)."""
+    module_name, _, qualname = spec.partition(":")
+    target: Any = import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target  # type: ignore[no-any-return]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m trillm.gpu.rank --fd N [--target module:function]`: read the RunnerConfig, then run the rank."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m trillm.gpu.rank", description="one trillm rank process")
+    parser.add_argument("--fd", type=int, required=True, help="inherited socket to the serving process")
+    parser.add_argument("--target", default=None, help="module:function to run instead of rank_main")
+    args = parser.parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    config = recv_message(sock)
+    if not isinstance(config, RunnerConfig):
+        raise TypeError(f"expected a RunnerConfig as the first frame, got {type(config).__name__}")
+    target = rank_main if args.target is None else _load_target(args.target)
+    target(config, sock)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,9 +3,9 @@
 `create_app(config, engine=None)` builds an app; the module-level `app` is one configured from `TRILLM_*`
 environment variables (built at import; a bad variable exits), for hypercorn's command line:
 
-    hypercorn --worker-class trio --config python:trillm.http.hypercorn_config trillm.http.app:app
+    hypercorn --worker-class trio trillm.http.app:app
 
-(the config sets `daemon = false`, which the engine's rank processes need, and the bind from TRILLM_SERVER_*).
+(optionally with `--config python:trillm.http.hypercorn_config`, which binds from TRILLM_SERVER_NAME/PORT).
 Without an injected engine the app opens `Engine.open(config.engine)` in its nursery before serving and closes it
 after (`ServerState.run_engine`); `trillm serve api_server` instead opens the engine itself and injects it.
 

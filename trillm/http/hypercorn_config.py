@@ -2,8 +2,8 @@
 
     TRILLM_MODEL=... hypercorn --worker-class trio --config python:trillm.http.hypercorn_config trillm.http.app:app
 
-Hypercorn's CLI runs the app in worker processes that are daemonic by default, and a daemonic process may not start
-children; the Engine starts one rank process per tensor-parallel rank, so `daemon = False` is required. The bind
+The plain `hypercorn --worker-class trio trillm.http.app:app` works too (rank processes are plain subprocesses, which
+hypercorn's daemonic workers may start); this module adds what hypercorn's own defaults lack. The bind
 address comes from TRILLM_SERVER_NAME / TRILLM_SERVER_PORT (the same names as `trillm serve api_server`'s flags;
 hypercorn's own --bind still wins), and in-flight requests get TRILLM_GRACEFUL_TIMEOUT_S on shutdown. Every other
 setting of the app is read from TRILLM_* variables by `trillm.http.app` itself.
@@ -20,6 +20,6 @@ _server = _config.server_config_from_env()
 _host = f"[{_server.server_name}]" if ":" in _server.server_name else _server.server_name
 
 worker_class = "trio"
-daemon = False  # the Engine spawns rank processes: a daemonic worker cannot
+daemon = False  # ranks start either way; a non-daemonic worker also survives its parent's quick exit
 bind = [f"{_host}:{_server.server_port}"]
 graceful_timeout = _server.graceful_timeout_s

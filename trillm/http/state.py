@@ -8,7 +8,6 @@ app's nursery down with it: the failure is recorded, /health turns 503 and every
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -53,12 +52,6 @@ class ServerState:
         """
         from trillm.actors.engine import Engine  # imported late: building an app (tests, docs) needs no engine
 
-        if multiprocessing.current_process().daemon:
-            raise RuntimeError(
-                "this process is daemonic and cannot start the engine's rank processes: serve with "
-                "`trillm serve api_server`, or `hypercorn --config python:trillm.http.hypercorn_config "
-                "trillm.http.app:app` (it sets daemon = false)"
-            )
         is_started = False
         try:
             async with Engine.open(self.config.engine) as engine:
