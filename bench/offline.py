@@ -7,12 +7,14 @@ Two measurements, both runnable on any machine (`--device cpu` for smoke runs):
 - `steps`: the `ModelRunner` driven directly with hand-built `StepPlan`s: one prefill of `--prefill-len` tokens, and
   decode steps at each `--batch` with `--context` tokens of context per sequence (ms per step, tokens per second).
 
-Each run prints a table last and writes JSON to bench/results/<device>-offline-<date>.json with the command, the git
-commit, the device name and every figure.
+Each run prints a table last and writes JSON to bench/results/<device>-offline-<date>.json (`--out-dir` elsewhere) with
+the command, the git commit, the device name and every figure. `steps` also prints each figure's bandwidth/compute
+floor on the lent H100 (PERF.md's ceilings: 3.0 TB/s copy, 800 TFLOP/s bf16), and with `--profile` writes the
+torch.profiler kernel table of a few decode steps per batch size (`<device>-offline-profile-<date>.txt`).
 
 Examples:
     python -m bench.offline engine --model smollm2 --batch 1 16 --prompt-len 128 --output-len 128
-    python -m bench.offline steps --model random:llama2-7b --batch 1 32 --context 1024 --prefill-len 1024
+    python -m bench.offline steps --model random:llama2-7b --batch 1 32 --context 1024 --prefill-len 1024 --profile
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -27,11 +30,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+H100_COPY_BYTES_PER_S = 3.0e12  # measured device-to-device copy, read + write (PERF.md)
+H100_BF16_FLOPS = 800e12  # measured bf16 matmul (PERF.md)
+PROFILE_STEPS = 5
 
 
 def git_commit() -> str:
@@ -42,15 +48,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_results(kind: str, device_name: str, payload: dict[str, Any]) -> Path:
-    """Write one JSON result file under bench/results/ and return its path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def result_path(kind: str, device_name: str, out_dir: str | None, suffix: str = "json") -> Path:
+    """`<out_dir or bench/results>/<device>-<kind>-<date>.<suffix>`, creating the folder."""
+    folder = Path(out_dir) if out_dir else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in device_name.lower()).strip("-")
+    return folder / f"{slug}-{kind}-{datetime.date.today().isoformat()}.{suffix}"
+
+
+def write_results(
+    kind: str, device_name: str, payload: dict[str, Any], *, out_dir: str | None = None, commit: str | None = None
+) -> Path:
+    """Write one JSON result file (under bench/results/ unless `out_dir`) and return its path."""
+    path = result_path(kind, device_name, out_dir)
     date = datetime.date.today().isoformat()
-    path = RESULTS_DIR / f"{slug}-{kind}-{date}.json"
     payload = {
         "command": " ".join([Path(sys.executable).name, "-m", "bench.offline", *sys.argv[1:]]),
-        "git_commit": git_commit(),
+        "git_commit": commit or git_commit(),
         "device": device_name,
         "host": platform.node(),
         "date": date,
@@ -73,7 +87,7 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None
 # engine: requests through the Trio engine
 
 
-async def _engine_batch(engine: Any, batch: int, prompt_len: int, output_len: int, vocab: int, seed: int) -> dict:
+async def _engine_batch(engine: Any, batch: int, prompt_len: int, output_len: int, vocab: int, seed: int) -> dict[str, Any]:
     import trio
 
     from trillm.actors.messages import GenerateRequest, SamplingParams
@@ -127,7 +141,7 @@ def run_engine(args: argparse.Namespace) -> None:
         enable_cuda_graph=not args.no_cuda_graph,
     )
 
-    async def main() -> tuple[str, list[dict]]:
+    async def main() -> tuple[str, list[dict[str, Any]]]:
         results = []
         async with Engine.open(config) as engine:
             vocab = engine.tokenizer.vocab_size
@@ -138,7 +152,7 @@ def run_engine(args: argparse.Namespace) -> None:
 
     device_name, results = trio.run(main)
     path = write_results("offline", device_name, {"mode": "engine", "model": args.model, "dtype": args.dtype,
-                                                  "results": results})
+                                                  "results": results}, out_dir=args.out_dir, commit=args.git_commit)
     print(f"# engine throughput, {args.model} on {device_name} ({path.name})")
     print_table(
         ["batch", "prompt", "output", "tokens", "seconds", "tok/s", "TTFT ms"],
@@ -174,7 +188,7 @@ def _prefill_plans(step_id: int, seq_ids: Sequence[int], prompts: Sequence[Seque
     from trillm.actors.messages import SampleSpec, SamplingParams, SeqStep, StepPlan
 
     greedy = SampleSpec(sampling=SamplingParams(temperature=0.0, seed=0), output_index=0)
-    plans = []
+    plans: list[Any] = []
     for seq_id, prompt, table in zip(seq_ids, prompts, tables):
         for start in range(0, len(prompt), chunk):
             piece = tuple(prompt[start:start + chunk])
@@ -192,17 +206,103 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def floors_ms(args: Any, itemsize: int, *, batch: int, context: int, prefill_len: int = 0) -> float:
+    """The H100 floor of one step: weight + KV bytes over copy bandwidth (decode), or FLOPs over matmul rate (prefill).
+
+    Weights read per decode step exclude the embedding table (only `batch` rows of it are read); prefill FLOPs
+    exclude lm_head (one row). For random:llama2-7b this gives PERF.md's 4.58 ms (batch 1, 1k), 10.13 ms (batch 32,
+    1k) and 16.9 ms (1k prefill; PERF.md rounds to 17.0).
+    """
+    from trillm.models.llama import checkpoint_shapes
+
+    shapes = checkpoint_shapes(args)
+    params = sum(math.prod(shape) for shape in shapes.values()) - args.vocab_size * args.hidden_size
+    if prefill_len:  # only the sampled row goes through lm_head
+        params -= 0 if args.tie_word_embeddings else args.vocab_size * args.hidden_size
+        attention = 2 * prefill_len * prefill_len * args.num_heads * args.head_dim * args.num_layers  # causal QK + PV
+        return float(1000 * (2 * params * prefill_len + attention) / H100_BF16_FLOPS)
+    kv_bytes = batch * context * args.num_layers * 2 * args.num_kv_heads * args.head_dim * itemsize
+    return float(1000 * (params * itemsize + kv_bytes) / H100_COPY_BYTES_PER_S)
+
+
+class _DecodeBatch:
+    """`batch` sequences of `context` prompt tokens, prefilled, then advanced one greedy decode step at a time."""
+
+    def __init__(self, runner: Any, alloc: _BlockAllocator, rng: random.Random, *, batch: int, context: int,
+                 max_steps: int, step_id: int, prefill_chunk: int) -> None:
+        from trillm.actors.messages import SamplingParams
+
+        self.runner, self.rng, self.step_id = runner, rng, step_id
+        self.greedy = SamplingParams(temperature=0.0, seed=0)
+        self.seq_ids = list(range(1000, 1000 + batch))
+        prompts = [[rng.randrange(3, 32000) for _ in range(context)] for _ in self.seq_ids]
+        self.tables = [alloc.table(context + max_steps + 1) for _ in self.seq_ids]
+        for plan in _prefill_plans(step_id, self.seq_ids, prompts, self.tables, chunk=prefill_chunk):
+            runner.step(plan)
+        self.step_id += 10_000
+        self.lengths = [context] * batch
+        self.num_steps = 0
+
+    def next_plans(self, num_steps: int) -> list[Any]:
+        """The next `num_steps` decode plans, built ahead (the Batcher builds them in another process)."""
+        from trillm.actors.messages import SampleSpec, SeqStep, StepPlan
+
+        plans = []
+        for _ in range(num_steps):
+            self.num_steps += 1
+            spec = SampleSpec(sampling=self.greedy, output_index=self.num_steps)
+            seqs = tuple(
+                SeqStep(seq_id=s, token_ids=(self.rng.randrange(3, 32000),), start_pos=self.lengths[j],
+                        block_table=self.tables[j], sample=spec)
+                for j, s in enumerate(self.seq_ids)
+            )
+            plans.append(StepPlan(step_id=self.step_id, seqs=seqs))
+            self.step_id += 1
+            self.lengths = [n + 1 for n in self.lengths]
+        return plans
+
+
+def _profile(run: Callable[[], object], num_steps: int) -> tuple[str, dict[str, float]]:
+    """torch.profiler over `num_steps` calls of `run`: the kernel table, and per step the GPU kernel time and the
+    GPU's idle time between its first and last kernel (in gaps under 20 us: launch latency; longer: waiting for the
+    host). The profiler slows the host, so long gaps read high; the unprofiled step time minus the kernel time bounds
+    the true idle time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            run()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)  # type: ignore[attr-defined]  # fmt: skip
+    busy_us = short_gaps_us = long_gaps_us = 0.0
+    end = spans[0][0] if spans else 0.0
+    for span_start, span_end in spans:
+        gap = span_start - end
+        if gap > 0:
+            short_gaps_us += gap if gap < 20 else 0.0
+            long_gaps_us += gap if gap >= 20 else 0.0
+        busy_us += max(0.0, span_end - max(span_start, end))
+        end = max(end, span_end)
+    per_step = 1000.0 * num_steps
+    return table, {"gpu_kernel_ms": busy_us / per_step, "gpu_short_gaps_ms": short_gaps_us / per_step,
+                   "gpu_long_gaps_ms": long_gaps_us / per_step}
+
+
 def run_steps(args: argparse.Namespace) -> None:
     import torch
 
-    from trillm.actors.messages import SampleSpec, SamplingParams, SeqStep, StepPlan
     from trillm.config import RunnerConfig
     from trillm.gpu.runner import ModelRunner
     from trillm.models.loader import resolve_model
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    max_context = max(args.context) + args.decode_steps + 8
+    extra_steps = args.decode_steps + (PROFILE_STEPS if args.profile else 0)
+    max_context = max(args.context) + extra_steps + 8
     config = RunnerConfig(
         model_path=resolve_model(args.model), rank=0, world_size=1, dist_init_method="", device=device, dtype=dtype,
         block_size=args.block_size, max_model_len=max(max_context, args.prefill_len + 8),
@@ -210,13 +310,19 @@ def run_steps(args: argparse.Namespace) -> None:
         cache_max_entry_count=args.cache_fraction, cpu_memory_budget_bytes=8 << 30,
         enable_cuda_graph=not args.no_cuda_graph,
     )
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
+    start = time.perf_counter()
     runner = ModelRunner(config)
+    _sync(device)
+    init_s = time.perf_counter() - start
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'x86_64'})"
+    itemsize = runner.dtype.itemsize
     vocab = 32000
     rng = random.Random(0)
-    greedy = SamplingParams(temperature=0.0, seed=0)
     step_id = 0
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
+    profiles: list[str] = []
 
     # Prefill: one prompt of prefill_len tokens in one step (time to first token, engine only).
     alloc = _BlockAllocator(runner.layout.num_blocks, args.block_size)
@@ -233,47 +339,64 @@ def run_steps(args: argparse.Namespace) -> None:
         if rep >= 2:
             times.append(time.perf_counter() - start)
     prefill_ms = 1000 * statistics.median(times)
+    floor = floors_ms(runner.args, itemsize, batch=1, context=0, prefill_len=args.prefill_len)
     rows.append({"what": "prefill", "batch": 1, "context": args.prefill_len, "ms": prefill_ms,
-                 "tok_per_s": args.prefill_len / prefill_ms * 1000})
+                 "tok_per_s": args.prefill_len / prefill_ms * 1000, "h100_floor_ms": floor,
+                 "floor_fraction": floor / prefill_ms})
+    if args.profile and device == "cuda":
+        _profile(lambda: runner.step(plan), 1)  # warm-up: the profiler's first use costs a second
+        table, summary = _profile(lambda: runner.step(plan), 1)
+        summary["gpu_busy_fraction"] = summary["gpu_kernel_ms"] / prefill_ms
+        rows[-1].update(summary)
+        profiles.append(f"## prefill of {args.prefill_len} tokens, {prefill_ms:.2f} ms unprofiled: {summary}\n"
+                        f"{table}\n")
 
     for context in args.context:
-        for batch in args.batch:
+        for batch_size in args.batch:
             alloc.next_block = 0
-            seq_ids = list(range(1000, 1000 + batch))
-            prompts = [[rng.randrange(3, vocab) for _ in range(context)] for _ in seq_ids]
-            tables = [alloc.table(context + args.decode_steps + 1) for _ in seq_ids]
-            for plan in _prefill_plans(step_id, seq_ids, prompts, tables, chunk=args.max_prefill_tokens):
-                runner.step(plan)
-            step_id += 10_000
-            lengths = [context] * batch
+            batch = _DecodeBatch(runner, alloc, rng, batch=batch_size, context=context, max_steps=extra_steps,
+                                 step_id=step_id, prefill_chunk=args.max_prefill_tokens)
             step_times = []
-            for i in range(args.decode_steps):
-                seqs = tuple(
-                    SeqStep(seq_id=s, token_ids=(rng.randrange(3, vocab),), start_pos=lengths[j],
-                            block_table=tables[j], sample=SampleSpec(sampling=greedy, output_index=i + 1))
-                    for j, s in enumerate(seq_ids)
-                )
+            for plan in batch.next_plans(args.decode_steps):
                 _sync(device)
                 start = time.perf_counter()
-                runner.step(StepPlan(step_id=step_id, seqs=seqs))
+                runner.step(plan)
                 _sync(device)
                 step_times.append(time.perf_counter() - start)
-                step_id += 1
-                lengths = [n + 1 for n in lengths]
+            step_id = batch.step_id + 1
             warm = step_times[min(3, len(step_times) - 1):]
             ms = 1000 * statistics.median(warm)
-            rows.append({"what": "decode", "batch": batch, "context": context, "ms": ms,
-                         "tok_per_s": batch / ms * 1000})
+            floor = floors_ms(runner.args, itemsize, batch=batch_size, context=context)
+            row = {"what": "decode", "batch": batch_size, "context": context, "ms": ms,
+                   "tok_per_s": batch_size / ms * 1000, "ms_min": 1000 * min(warm), "h100_floor_ms": floor,
+                   "floor_fraction": floor / ms}
+            if args.profile and device == "cuda":
+                plans = iter(batch.next_plans(PROFILE_STEPS))
+                table, summary = _profile(lambda: runner.step(next(plans)), PROFILE_STEPS)
+                summary["gpu_busy_fraction"] = summary["gpu_kernel_ms"] / ms
+                row.update(summary)
+                profiles.append(f"## decode batch {batch_size}, context {context}, {ms:.2f} ms/step unprofiled: "
+                                f"{summary}\n{table}\n")
+            rows.append(row)
+    graph_sizes, capture_s = runner.graph_batch_sizes, runner.graph_capture_s
     runner.close()
 
-    path = write_results("offline-steps", device_name, {
-        "mode": "steps", "model": args.model, "dtype": dtype, "block_size": args.block_size,
-        "cuda_graphs": not args.no_cuda_graph, "results": rows,
-    })
-    print(f"# runner step times, {args.model} {dtype} on {device_name}, cuda graphs "
-          f"{'off' if args.no_cuda_graph else 'on'} ({path.name})")
-    print_table(["what", "batch", "context", "ms/step", "tok/s"],
-                [[r["what"], r["batch"], r["context"], r["ms"], r["tok_per_s"]] for r in rows])
+    mode = ("graphs" if graph_sizes else "eager") + ("" if args.blas == "default" else f"-{args.blas}")
+    payload = {
+        "mode": "steps", "model": args.model, "dtype": dtype, "block_size": args.block_size, "blas": args.blas,
+        "cuda_graphs": bool(graph_sizes), "runner_init_s": init_s, "graph_capture_s": capture_s,
+        "graph_batch_sizes": list(graph_sizes), "num_kv_blocks": runner.layout.num_blocks, "results": rows,
+    }
+    path = write_results(f"offline-steps-{mode}", device_name, payload, out_dir=args.out_dir, commit=args.git_commit)
+    if profiles:
+        profile_path = result_path(f"offline-profile-{mode}", device_name, args.out_dir, suffix="txt")
+        profile_path.write_text("".join(profiles))
+        print("".join(profiles))
+    print(f"# runner step times, {args.model} {dtype} on {device_name}, {mode} "
+          f"(init {init_s:.1f} s, graph capture {capture_s:.2f} s for batch {list(graph_sizes)}; {path.name})")
+    print_table(["what", "batch", "context", "ms/step", "tok/s", "H100 floor ms", "floor/ms"],
+                [[r["what"], r["batch"], r["context"], r["ms"], r["tok_per_s"], r["h100_floor_ms"],
+                  r["floor_fraction"]] for r in rows])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -286,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     common.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="batch sizes to measure")
     common.add_argument("--block-size", type=int, default=64, help="KV cache block size (tokens)")
     common.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly")
+    common.add_argument("--blas", default="default", choices=["default", "cublas", "cublaslt"],
+                        help="torch.backends.cuda.preferred_blas_library for the runner's GEMMs")
+    common.add_argument("--out-dir", default=None, help="where result files go (default bench/results/)")
+    common.add_argument("--git-commit", default=None, help="commit to record (default: git rev-parse)")
     engine = sub.add_parser("engine", parents=[common], help="throughput through the Trio engine")
     engine.add_argument("--prompt-len", type=int, default=128)
     engine.add_argument("--output-len", type=int, default=128)
@@ -296,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     steps.add_argument("--repeats", type=int, default=5)
     steps.add_argument("--max-prefill-tokens", type=int, default=8192)
     steps.add_argument("--cache-fraction", type=float, default=0.8)
+    steps.add_argument("--profile", action="store_true", help="torch.profiler kernel table of a few decode steps")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_engine(args) if args.mode == "engine" else run_steps(args)

@@ -58,6 +58,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "internlm2-7b": _llama(4096, 32, 32, 8, 14336, 92544, rope_theta=1000000.0, max_position_embeddings=32768),
     # Tests: 12 heads of 32 / 6 KV heads (GQA), so that tensor parallelism of 1, 2, 3 and 6 all divide it.
     "tiny": _llama(384, 2, 12, 6, 768, 512, max_position_embeddings=1024),
+    # GPU tests: the CUDA attention kernels need head_dim 64 or 128; 8 heads of 64 over 2 KV heads (GQA 4).
+    "tiny-gpu": _llama(512, 2, 8, 2, 1024, 1024, max_position_embeddings=2048),
 }
 
 
