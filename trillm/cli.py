@@ -43,8 +43,9 @@ def _normalize(argv: Sequence[str]) -> list[str]:
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("model and engine")
     engine.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                        help="a hub repo id (org/name), a local Hugging Face folder, or a .gguf file "
-                             f"(default: {DEFAULT_MODEL!r}, the built-in SmolLM2-135M-Instruct)")
+                        help="a hub repo id (org/name), a local Hugging Face folder, a .gguf file, or "
+                             "random:<preset> (random weights of a benchmark shape: llama2-7b, llama3-8b, "
+                             f"internlm2-7b, tiny) (default: {DEFAULT_MODEL!r}, the built-in SmolLM2-135M-Instruct)")
     engine.add_argument("--model-name", help="the model id served in /v1/models (default: derived from MODEL)")
     engine.add_argument("--tp", type=int, help="tensor parallelism: GPUs to split the model over (default 1)")
     engine.add_argument("--session-len", type=int,
@@ -60,6 +61,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--enable-prefix-caching", action="store_true", default=None,
                         help="reuse the KV cache of shared prompt prefixes across requests")
     engine.add_argument("--chat-template", help="a Jinja chat template file that replaces the model's")
+    engine.add_argument("--tokenizer", metavar="MODEL",
+                        help="use this model's (or folder's) tokenizer instead of MODEL's (default: MODEL's own; "
+                             "random:<preset> models use the default model's)")
     engine.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
                         help="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
     engine.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default auto: CUDA when present")

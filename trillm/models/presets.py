@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from trillm.config import RANDOM_MODEL_PREFIX
 from trillm.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RANDOM_PREFIX = "random:"
+RANDOM_PREFIX = RANDOM_MODEL_PREFIX
 INIT_STD = 0.02  # normal(0, 0.02) for every matrix and bias; norms are ones
 
 
