@@ -34,6 +34,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 H100_COPY_BYTES_PER_S = 3.0e12  # measured device-to-device copy, read + write (PERF.md)
 H100_BF16_FLOPS = 800e12  # measured bf16 matmul (PERF.md)
@@ -94,6 +96,7 @@ async def _engine_batch(engine: Any, batch: int, prompt_len: int, output_len: in
 
     rng = random.Random(seed)
     ttfts: list[float] = []
+    gaps: list[float] = []  # inter-token latency: time between consecutive outputs of one request
     output_tokens = 0
 
     async def one(i: int) -> None:
@@ -101,13 +104,17 @@ async def _engine_batch(engine: Any, batch: int, prompt_len: int, output_len: in
         prompt = tuple(rng.randrange(3, vocab) for _ in range(prompt_len))
         sampling = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         request = GenerateRequest(request_id=f"bench-{batch}-{i}", prompt_token_ids=prompt, sampling=sampling)
-        start = time.perf_counter()
+        start = last = time.perf_counter()
         first = True
         async with engine.generate(request) as outputs:
             async for out in outputs:
+                now = time.perf_counter()
                 if first and out.token_ids:
-                    ttfts.append(time.perf_counter() - start)
+                    ttfts.append(now - start)
                     first = False
+                elif out.token_ids:
+                    gaps.append(now - last)
+                last = now
                 output_tokens += len(out.token_ids)
 
     start = time.perf_counter()
@@ -123,6 +130,7 @@ async def _engine_batch(engine: Any, batch: int, prompt_len: int, output_len: in
         "seconds": elapsed,
         "output_tok_per_s": output_tokens / elapsed,
         "ttft_median_ms": 1000 * statistics.median(ttfts) if ttfts else None,
+        "itl_median_ms": 1000 * statistics.median(gaps) if gaps else None,
     }
 
 
@@ -139,7 +147,11 @@ def run_engine(args: argparse.Namespace) -> None:
         max_batch_size=max(args.batch),
         cache_block_seq_len=args.block_size,
         enable_cuda_graph=not args.no_cuda_graph,
+        tokenizer=args.tokenizer,
+        session_len=args.session_len,
     )
+    if args.no_overlap:
+        config = attrs.evolve(config, enable_overlap=False)
 
     async def main() -> tuple[str, list[dict[str, Any]]]:
         results = []
@@ -151,13 +163,16 @@ def run_engine(args: argparse.Namespace) -> None:
             return engine.device_name, results
 
     device_name, results = trio.run(main)
-    path = write_results("offline", device_name, {"mode": "engine", "model": args.model, "dtype": args.dtype,
-                                                  "results": results}, out_dir=args.out_dir, commit=args.git_commit)
-    print(f"# engine throughput, {args.model} on {device_name} ({path.name})")
+    overlap = getattr(config, "enable_overlap", False)
+    path = write_results(f"offline-engine-{'overlap' if overlap else 'lockstep'}", device_name,
+                         {"mode": "engine", "model": args.model, "dtype": args.dtype, "overlap": overlap,
+                          "results": results}, out_dir=args.out_dir, commit=args.git_commit)
+    print(f"# engine throughput, {args.model} on {device_name}, step overlap {'on' if overlap else 'off'} "
+          f"({path.name})")
     print_table(
-        ["batch", "prompt", "output", "tokens", "seconds", "tok/s", "TTFT ms"],
+        ["batch", "prompt", "output", "tokens", "seconds", "tok/s", "TTFT ms", "ITL ms"],
         [[r["batch"], r["prompt_len"], r["output_len"], r["output_tokens"], r["seconds"], r["output_tok_per_s"],
-          r["ttft_median_ms"] or 0.0] for r in results],
+          r["ttft_median_ms"] or 0.0, r["itl_median_ms"] or 0.0] for r in results],
     )
 
 
@@ -416,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = sub.add_parser("engine", parents=[common], help="throughput through the Trio engine")
     engine.add_argument("--prompt-len", type=int, default=128)
     engine.add_argument("--output-len", type=int, default=128)
+    engine.add_argument("--tokenizer", default=None, help="tokenizer folder or model spec (random presets)")
+    engine.add_argument("--session-len", type=int, default=None, help="context window (default: the model's)")
+    engine.add_argument("--no-overlap", action="store_true", help="plan each step only after the previous one")
     steps = sub.add_parser("steps", parents=[common], help="prefill and decode step times on the ModelRunner")
     steps.add_argument("--context", type=int, nargs="+", default=[1024], help="context length per sequence")
     steps.add_argument("--prefill-len", type=int, default=1024)
