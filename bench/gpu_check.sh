@@ -40,6 +40,20 @@ for blas in ${BLAS_VARIANTS:-}; do  # e.g. BLAS_VARIANTS=cublaslt: graphs again 
 done
 echo "== bench rc=$graphs_rc/$eager_rc after $((SECONDS - start)) s"
 
+# Through the Trio engine and a rank process (needs trio: carried as wheels in .whl/, see the device notes), with
+# step overlap on and off. Random presets use the default model's tokenizer: a tokenizer-only copy in .device/tok.
+engine_rc=0
+if python3 -c "import trio" 2>/dev/null && [ -f .device/tok/tokenizer.json ]; then
+  engine=(engine --model random:llama2-7b --dtype bfloat16 --tokenizer .device/tok --batch 1 32 --prompt-len 1024
+          --output-len 128 --session-len 4096 --out-dir "$OUT" --git-commit "$commit")
+  for mode in "" "--no-overlap"; do
+    timeout "${BENCH_TIMEOUT_S:-150}" python3 -m bench.offline "${engine[@]}" $mode 2>&1 | grep -v " INFO " \
+      | tee -a "$OUT/bench.log" || engine_rc=1
+  done
+else
+  echo "== engine bench skipped: no trio or no .device/tok"
+fi
+
 python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
 rows = []
@@ -57,5 +71,6 @@ widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(len(header
 for row in [header] + rows:
     print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
 EOF
-echo "tests rc=$tests_rc, bench rc=$graphs_rc/$eager_rc, $((SECONDS - start)) s"
-exit $((tests_rc != 0 || graphs_rc != 0 || eager_rc != 0))
+grep -h -A4 "^# engine throughput" "$OUT/bench.log" || true
+echo "tests rc=$tests_rc, bench rc=$graphs_rc/$eager_rc, engine rc=$engine_rc, $((SECONDS - start)) s"
+exit $((tests_rc != 0 || graphs_rc != 0 || eager_rc != 0 || engine_rc != 0))

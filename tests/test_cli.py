@@ -30,7 +30,7 @@ FULL_ARGS = [
     "t.jinja", "--dtype", "bfloat16", "--device", "cpu", "--api-keys", "k1", "k2", "--allow-origins", "*",
     "--allow-credentials", "--allow-methods", "GET", "POST", "--allow-headers", "X-A", "--log-level", "debug",
     "--max-log-len", "100", "--disable-docs", "--cache-dir", "/tmp/c", "--max-body-bytes", "1000",
-    "--graceful-timeout", "5",
+    "--graceful-timeout", "5", "--tokenizer", "org/tok", "--disable-overlap", "--disable-cuda-graph",
 ]
 
 
@@ -45,7 +45,7 @@ def test_every_flag_reaches_the_config() -> None:
         engine=EngineConfig(model="org/model", model_name="m", tp=2, session_len=1024, cache_max_entry_count=0.5,
                             cache_block_seq_len=32, max_batch_size=16, max_prefill_token_num=2048,
                             enable_prefix_caching=True, chat_template="t.jinja", dtype="bfloat16", device="cpu",
-                            cache_dir="/tmp/c"),
+                            cache_dir="/tmp/c", tokenizer="org/tok", enable_overlap=False, enable_cuda_graph=False),
         server_name="127.0.0.1", server_port=8000, api_keys=("k1", "k2"), allow_origins=("*",),
         allow_credentials=True, allow_methods=("GET", "POST"), allow_headers=("X-A",), log_level="DEBUG",
         max_log_len=100, disable_docs=True, max_body_bytes=1000, graceful_timeout_s=5.0,

@@ -61,6 +61,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--enable-prefix-caching", action="store_true", default=None,
                         help="reuse the KV cache of shared prompt prefixes across requests")
     engine.add_argument("--chat-template", help="a Jinja chat template file that replaces the model's")
+    engine.add_argument("--disable-overlap", dest="enable_overlap", action="store_false", default=None,
+                        help="plan each engine step only after the previous one returned (default: plan step N+1 "
+                             "while the GPU runs step N)")
+    engine.add_argument("--disable-cuda-graph", dest="enable_cuda_graph", action="store_false", default=None,
+                        help="run decode steps eagerly instead of replaying captured CUDA graphs")
     engine.add_argument("--tokenizer", metavar="MODEL",
                         help="use this model's (or folder's) tokenizer instead of MODEL's (default: MODEL's own; "
                              "random:<preset> models use the default model's)")

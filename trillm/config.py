@@ -58,6 +58,7 @@ class EngineConfig:
     enable_cuda_graph: bool = True
     cache_dir: str | None = None  # where converted GGUF folders are kept; None = ~/.cache/trillm
     seed: int = 0  # engine seed from which unseeded requests draw their seeds
+    enable_overlap: bool = True  # plan step N+1 while the ranks run step N (False: lockstep)
 
     @property
     def served_model_name(self) -> str:

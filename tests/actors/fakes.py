@@ -4,6 +4,9 @@
 through the block tables, and each sampled sequence's next token is a pure function of the context it reads *back
 from the cache*. A wrong block table, a lost block, a shared block overwritten or a position off by one therefore
 changes the generated tokens, and `reference_tokens` (the same function over the true token list) catches it.
+
+`PREVIOUS_TOKEN` placeholders (step overlap) are substituted exactly as ModelRunner does: by the token this runner
+sampled for the seq_id in the latest plan that sampled it, forgetting seq_ids absent from the latest plan.
 """
 
 from __future__ import annotations
@@ -12,7 +15,20 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from trillm.actors.messages import KVCacheLayout, SampledToken, SampleSpec, StepPlan, StepResult, TokenLogprob
+import attrs
+import pytest
+
+from trillm.actors.messages import (
+    PREVIOUS_TOKEN,
+    KVCacheLayout,
+    SampledToken,
+    SampleSpec,
+    StepPlan,
+    StepResult,
+    TokenLogprob,
+)
+from trillm.actors.batcher import BatcherActor
+from trillm.config import EngineConfig
 
 NextToken = Callable[[Sequence[int], SampleSpec], int]
 FIRST_TEXT_ID = 10  # ids below this are "special" in the fakes (EOS lives there)
@@ -50,7 +66,8 @@ class FakeRunner:
         self.device_name = "fake"
         self.next_token = next_token or hash_next_token(vocab_size)
         self._slots: list[list[int | None]] = [[None] * block_size for _ in range(num_blocks)]
-        self.plans: list[StepPlan] = []
+        self.plans: list[StepPlan] = []  # as received (placeholders left in)
+        self._last_sampled: dict[int, int] = {}
         self.fail_at_step: int | None = None  # raise in this step (1-based), as a crashing runner would
         self._permits: threading.Semaphore | None = None
         self.is_closed = False
@@ -69,6 +86,7 @@ class FakeRunner:
         self.plans.append(plan)
         if self.fail_at_step == len(self.plans):
             raise RuntimeError(f"FakeRunner failed at step {len(self.plans)}")
+        plan = self._substitute(plan)
         size = self.layout.block_size
         sampled = []
         for seq in plan.seqs:
@@ -85,7 +103,20 @@ class FakeRunner:
             if seq.sample.sampling.logprobs is not None:
                 logprob = TokenLogprob(token_id=token_id, logprob=-0.5, top=((token_id, -0.5),))
             sampled.append(SampledToken(seq_id=seq.seq_id, token_id=token_id, logprob=logprob))
+            self._last_sampled[seq.seq_id] = token_id
         return StepResult(step_id=plan.step_id, sampled=tuple(sampled))
+
+    def _substitute(self, plan: StepPlan) -> StepPlan:
+        last = self._last_sampled
+        self._last_sampled = {s.seq_id: last[s.seq_id] for s in plan.seqs if s.seq_id in last}
+        seqs = []
+        for seq in plan.seqs:
+            if PREVIOUS_TOKEN in seq.token_ids:
+                assert seq.token_ids == (PREVIOUS_TOKEN,), "a placeholder only ever stands for a single decode token"
+                assert seq.seq_id in last, f"seq {seq.seq_id}: PREVIOUS_TOKEN without a previous sample"
+                seq = attrs.evolve(seq, token_ids=(last[seq.seq_id],))
+            seqs.append(seq)
+        return attrs.evolve(plan, seqs=tuple(seqs))
 
     def close(self) -> None:
         self.is_closed = True
@@ -169,3 +200,14 @@ class FakeTokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id], skip_special_tokens=False)
+
+
+def set_overlap_default(patch: pytest.MonkeyPatch, enabled: bool) -> None:
+    """Make `enable_overlap` default to `enabled` for every EngineConfig and every BatcherActor built meanwhile.
+
+    Both: tests build BatcherActors directly, and the Engine may pass EngineConfig.enable_overlap on to its Batcher.
+    """
+    for function in (BatcherActor.__init__, EngineConfig.__init__):
+        defaults = function.__kwdefaults__
+        assert defaults is not None and "enable_overlap" in defaults
+        patch.setitem(defaults, "enable_overlap", enabled)

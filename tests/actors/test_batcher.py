@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -25,6 +26,8 @@ from trillm.actors.messages import (
 )
 from trillm.actors.scheduler import Scheduler
 from trillm.config import RunnerConfig
+
+pytestmark = pytest.mark.usefixtures("overlap")  # every test runs in lockstep and with step overlap
 
 GREEDY = SamplingParams(temperature=0.0)
 RUNNER_CONFIG = RunnerConfig(
@@ -48,13 +51,13 @@ Running = tuple[BatcherActor, trio.MemorySendChannel[BatcherInbox], FakeRunner, 
 
 
 @asynccontextmanager
-async def running_batcher() -> AsyncIterator[Running]:
+async def running_batcher(*, use_thread: bool = False) -> AsyncIterator[Running]:
     runner = FakeRunner(num_blocks=16, block_size=4)
     scheduler = Scheduler(BlockManager(16, 4), max_batch_size=4, max_prefill_token_num=64, max_model_len=64)
     inbox_send, inbox_receive = trio.open_memory_channel[BatcherInbox](8)
     plans_send, plans_receive = trio.open_memory_channel[StepPlan](1)
     results_send, results_receive = trio.open_memory_channel[StepResult](1)
-    worker = InProcessWorkerActor(lambda _: runner, RUNNER_CONFIG, plans_receive, results_send, use_thread=False)
+    worker = InProcessWorkerActor(lambda _: runner, RUNNER_CONFIG, plans_receive, results_send, use_thread=use_thread)
     batcher = BatcherActor(scheduler, inbox_receive, [plans_send], [results_receive])
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
@@ -135,3 +138,20 @@ async def test_closing_the_inbox_fails_live_sequences_and_stops_the_workers() ->
     errors = {e.seq_id: e.error for e in events if e.error is not None}
     assert errors == {1: "the engine stopped", 2: "the engine stopped"}
     assert runner.is_closed  # the worker saw its plan channel close and closed its runner
+
+
+async def test_closing_the_inbox_mid_generation_collects_the_steps_in_flight_first(overlap: bool) -> None:
+    async with running_batcher(use_thread=True) as (batcher, inbox, runner, scheduler):
+        runner.hold()
+        runner.allow(1)
+        send, receive = trio.open_memory_channel[TokenEvent](100)
+        await inbox.send(submit(1, send, 50))
+        first = await receive.receive()
+        assert first.token_ids
+        await trio.sleep(0.05)  # the next step is in flight, held by the runner
+        inbox.close()  # engine shutdown with a step in flight: its answer must find an open channel
+        await trio.sleep(0.05)
+        runner.allow(2)
+    events = [first] + [event async for event in receive]
+    assert events[-1].error == "the engine stopped"
+    assert runner.is_closed

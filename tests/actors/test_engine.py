@@ -22,6 +22,8 @@ from trillm.errors import (
     InvalidRequestError,
 )
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test runs in lockstep and with step overlap
+
 GREEDY = SamplingParams(temperature=0.0)
 TOKENIZER = FakeTokenizer()
 
@@ -230,7 +232,7 @@ async def test_drain_refuses_new_requests_while_in_flight_ones_finish() -> None:
 # -- batching --------------------------------------------------------------------------------------------------------
 
 
-async def test_requests_join_and_leave_the_batch_at_step_boundaries() -> None:
+async def test_requests_join_and_leave_the_batch_at_step_boundaries(overlap: bool) -> None:
     prompt_b = tuple(range(300, 304))
     async with open_engine(use_threads=True) as (engine, runner):
         runner.hold()
@@ -245,10 +247,11 @@ async def test_requests_join_and_leave_the_batch_at_step_boundaries() -> None:
         assert tokens_of(rest_b) == expected(prompt_b, 4)
         batches = [sorted(s.seq_id for s in plan.seqs) for plan in runner.plans]
         # Step 4 was planned when a's third token was delivered, before b arrived: b joins at step 5, decodes
-        # alongside a, and leaves when it finishes.
-        assert batches[:4] == [[1]] * 4
-        assert batches[4:8] == [[1, 2]] * 4
-        assert batches[8:] == [[1]] * 4
+        # alongside a, and leaves when it finishes. With overlap step 5 was planned ahead too: b joins at step 6.
+        joined = 5 if overlap else 4
+        assert batches[:joined] == [[1]] * joined
+        assert batches[joined : joined + 4] == [[1, 2]] * 4
+        assert batches[joined + 4 :] == [[1]] * (8 - joined)
         await assert_idle_and_free(engine)
 
 
@@ -316,3 +319,44 @@ async def test_runner_failure_kills_the_engine_and_fails_every_request() -> None
         with pytest.raises(EngineDeadError, match="FakeRunner failed at step 3"):
             await collect(engine, request(PROMPT))
     assert runner.is_closed
+
+
+# -- step overlap ----------------------------------------------------------------------------------------------------
+
+
+async def test_eos_while_the_next_step_is_in_flight_leaks_no_token_to_the_client(overlap: bool) -> None:
+    fallback = hash_next_token(1000)
+
+    def next_token(context: Sequence[int], spec: SampleSpec) -> int:  # EOS as the 4th output
+        return EOS_ID if len(context) == len(PROMPT) + 3 else fallback(context, spec)
+
+    runner = FakeRunner(num_blocks=64, block_size=4, next_token=next_token)
+    async with open_engine(runner=runner) as (engine, _):
+        outputs = await collect(engine, request(PROMPT, 10))
+        await assert_idle_and_free(engine)
+    spec = SampleSpec(sampling=GREEDY, output_index=0)
+    want = reference_tokens(PROMPT, spec, 10, next_token, eos_token_ids=(EOS_ID,))
+    assert tokens_of(outputs) == want and len(want) == 4 and want[-1] == EOS_ID
+    assert text_of(outputs) == TOKENIZER.decode(want)
+    assert outputs[-1].finish_reason is FinishReason.STOP and outputs[-1].num_output_tokens == 4
+    indexes = [s.sample.output_index for p in runner.plans for s in p.seqs if s.sample is not None]
+    # With overlap the 5th output was sampled speculatively while the EOS step's result travelled: it is dropped.
+    assert indexes == list(range(5 if overlap else 4))
+
+
+async def test_aborts_with_a_step_in_flight_free_every_block(overlap: bool) -> None:
+    async with open_engine(num_blocks=16, block_size=4, use_threads=True) as (engine, runner):
+        with trio.CancelScope() as scope:  # a client that disconnects after its second token
+            async with engine.generate(request(PROMPT, 40)) as outputs:
+                seen = 0
+                async for output in outputs:
+                    seen += len(output.token_ids)
+                    if seen >= 2:
+                        scope.cancel()
+        kept = await collect(engine, request(PROMPT, 6))
+        with trio.fail_after(10):
+            while (stats := engine.statistics()).num_running + stats.num_waiting:
+                await trio.sleep(0.001)
+        assert tokens_of(kept) == expected(PROMPT, 6)
+        stats = engine.statistics()
+        assert stats.num_free_blocks == stats.num_total_blocks

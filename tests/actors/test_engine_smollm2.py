@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from engine_thread import EngineThread
+from fakes import set_overlap_default
 from trillm.actors.engine import Engine
 from trillm.actors.messages import GenerateRequest, SamplingParams
 from trillm.config import EngineConfig
@@ -33,8 +34,16 @@ def engine_config(folder: str, **fields: object) -> EngineConfig:
     return EngineConfig(model=folder, **{**defaults, **fields})  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["lockstep", "overlap"])
+def overlap_mode(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """Every Engine of these tests runs with step overlap off, then on (module-wide: the engines are shared)."""
+    with pytest.MonkeyPatch.context() as patch:
+        set_overlap_default(patch, request.param)
+        yield request.param
+
+
 @pytest.fixture(scope="module")
-def shared(smollm2_folder: str) -> Iterator[EngineThread]:
+def shared(smollm2_folder: str, overlap_mode: bool) -> Iterator[EngineThread]:
     thread = EngineThread(engine_config(smollm2_folder)).start()
     yield thread
     thread.stop()
@@ -70,10 +79,15 @@ async def staggered(engine: Engine) -> list[list[int]]:
     return [results[index] for index in range(len(PROMPTS))]
 
 
+_ALONE: dict[bool, list[list[int]]] = {}  # overlap mode → the tokens of the prompts run one at a time
+
+
 @pytest.fixture(scope="module")
-def alone(shared: EngineThread) -> list[list[int]]:
+def alone(shared: EngineThread, overlap_mode: bool) -> list[list[int]]:
     tokens = shared.call(one_at_a_time)
     assert all(tokens)
+    _ALONE[overlap_mode] = tokens
+    assert len(set(map(str, _ALONE.values()))) == 1, "overlap and lockstep generated different tokens"
     return tokens
 
 

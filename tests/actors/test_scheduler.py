@@ -8,7 +8,7 @@ positions.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 
 from fakes import FakeRunner, hash_next_token, reference_tokens
 from trillm.actors.kv_blocks import BlockManager
-from trillm.actors.messages import FinishReason, SampleSpec, SamplingParams, StepPlan, TokenEvent
+from trillm.actors.messages import (
+    PREVIOUS_TOKEN,
+    FinishReason,
+    SampleSpec,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+    TokenEvent,
+)
 from trillm.actors.scheduler import Scheduler, SeqStatus
 
 EOS = 2
@@ -42,6 +50,7 @@ def make(
         max_model_len=max_model_len or num_blocks * block_size,
         eos_token_ids=(EOS,),
     )
+    _IN_FLIGHT.pop(id(scheduler), None)
     return scheduler, runner
 
 
@@ -64,11 +73,40 @@ class Outputs:
                 self.finish[event.seq_id] = event.finish_reason
 
 
+OVERLAP = {"on": False}  # set by the `mode` fixture: drive the Scheduler as the overlapping Batcher does
+_IN_FLIGHT: dict[int, collections.deque[StepResult]] = {}  # id(scheduler) → results of dispatched, unapplied plans
+
+
+@pytest.fixture(params=[False, True], ids=["lockstep", "overlap"], autouse=True)
+def mode(request: pytest.FixtureRequest) -> Iterator[bool]:
+    OVERLAP["on"] = request.param
+    _IN_FLIGHT.clear()
+    yield request.param
+    OVERLAP["on"] = False
+    _IN_FLIGHT.clear()
+
+
 def step(scheduler: Scheduler, runner: FakeRunner, outputs: Outputs) -> StepPlan | None:
+    """One Batcher iteration. Lockstep: schedule, run, apply. Overlap: schedule (planning ahead while the previous
+    plan is in flight; with none in flight, dispatch and plan the next one ahead at once), then apply the oldest
+    plan in flight. The FakeRunner runs each plan when it is dispatched: ranks run plans in dispatch order, and
+    results come back later. Returns the plan scheduled first (or, with nothing scheduled, the oldest result's
+    stand-in `True` while plans are still in flight; None when nothing ran)."""
+    if not OVERLAP["on"]:
+        plan = scheduler.schedule()
+        if plan is not None:
+            outputs.add(scheduler.apply(runner.step(plan)))
+        return plan
+    in_flight = _IN_FLIGHT.setdefault(id(scheduler), collections.deque())
     plan = scheduler.schedule()
     if plan is not None:
-        outputs.add(scheduler.apply(runner.step(plan)))
-    return plan
+        in_flight.append(runner.step(plan))
+        if len(in_flight) < 2 and (ahead := scheduler.schedule()) is not None:
+            in_flight.append(runner.step(ahead))
+    if not in_flight:
+        return None
+    outputs.add(scheduler.apply(in_flight.popleft()))
+    return plan if plan is not None else True  # type: ignore[return-value]
 
 
 def drain(scheduler: Scheduler, runner: FakeRunner, outputs: Outputs | None = None, max_steps: int = 2000) -> Outputs:
@@ -77,6 +115,7 @@ def drain(scheduler: Scheduler, runner: FakeRunner, outputs: Outputs | None = No
         if step(scheduler, runner, outputs) is None:
             break
     assert not scheduler.has_unfinished
+    assert scheduler.num_in_flight == 0
     return outputs
 
 
@@ -98,7 +137,7 @@ def assert_all_free(scheduler: Scheduler) -> None:
 # -- one sequence ----------------------------------------------------------------------------------------------------
 
 
-def test_prefill_then_decode_plans_positions_and_block_tables() -> None:
+def test_prefill_then_decode_plans_positions_and_block_tables(mode: bool) -> None:
     scheduler, runner = make(block_size=4)
     scheduler.add(1, prompt_of(6), GREEDY, 3)
     outputs = drain(scheduler, runner)
@@ -107,7 +146,8 @@ def test_prefill_then_decode_plans_positions_and_block_tables() -> None:
     assert (seq.start_pos, seq.token_ids, len(seq.block_table)) == (0, prompt_of(6), 2)
     assert seq.sample is not None and seq.sample.output_index == 0 and seq.sample.eos_token_ids == (EOS,)
     (seq,) = second.seqs
-    assert (seq.start_pos, seq.token_ids) == (6, (outputs.tokens[1][0],))
+    # Planned ahead, the first output is not known yet: the rank substitutes what it sampled for seq 1 in `first`.
+    assert (seq.start_pos, seq.token_ids) == (6, (PREVIOUS_TOKEN,) if mode else (outputs.tokens[1][0],))
     assert seq.sample is not None and seq.sample.output_index == 1
     (seq,) = third.seqs
     assert (seq.start_pos, len(seq.block_table)) == (7, 2)
@@ -262,16 +302,17 @@ def test_prefill_budget_is_shared_first_come_first_served() -> None:
     assert plan.num_tokens == 6
 
 
-def test_max_batch_size_admits_at_step_boundaries() -> None:
+def test_max_batch_size_admits_at_step_boundaries(mode: bool) -> None:
     scheduler, runner = make(max_batch_size=2)
     for seq_id, max_new in ((1, 2), (2, 5), (3, 3)):
         scheduler.add(seq_id, prompt_of(3, 100 * seq_id), GREEDY, max_new)
-    outputs = Outputs()
-    batches = []
-    while (plan := step(scheduler, runner, outputs)) is not None:
-        batches.append(sorted(s.seq_id for s in plan.seqs))
+    outputs = drain(scheduler, runner)
+    batches = [sorted(s.seq_id for s in plan.seqs) for plan in runner.plans]
     assert batches[0] == [1, 2] and batches[1] == [1, 2]
-    assert batches[2] == [2, 3]  # seq 1 left after step 2, seq 3 joined at the next step
+    if mode:  # step 3 was planned before step 2's result: seq 1 (its last token in flight) still held its slot
+        assert batches[2] == [2] and batches[3] == [2, 3]
+    else:
+        assert batches[2] == [2, 3]  # seq 1 left after step 2, seq 3 joined at the next step
     assert all(len(batch) <= 2 for batch in batches)
     for seq_id, max_new in ((1, 2), (2, 5), (3, 3)):
         assert outputs.tokens[seq_id] == expected(prompt_of(3, 100 * seq_id), max_new)
@@ -596,4 +637,91 @@ def test_random_workloads_keep_block_accounting_exact_and_outputs_correct(
     scheduler.release_session(1)
     scheduler.release_session(2)
     check()
+    assert_all_free(scheduler)
+
+
+# -- step overlap ------------------------------------------------------------------------------------------------------
+
+
+def eos_at_context(length: int):  # type: ignore[no-untyped-def]
+    """EOS when the context read back has `length` tokens, the hash token otherwise."""
+    fallback = hash_next_token(1000)
+    return lambda context, spec: EOS if len(context) == length else fallback(context, spec)
+
+
+def test_a_sequence_finishing_while_its_next_step_is_in_flight_frees_at_once_and_drops_the_sample() -> None:
+    scheduler, runner = make(num_blocks=3, block_size=4, next_token=eos_at_context(8))
+    scheduler.add(1, prompt_of(6), GREEDY, 5)
+    outputs = Outputs()
+    results = collections.deque([runner.step(scheduler.schedule())])  # type: ignore[arg-type]
+    for _ in range(3):  # plan ahead, then apply the oldest: steps 2, 3, 4 each carry a placeholder
+        plan = scheduler.schedule()
+        assert plan is not None and plan.seqs[0].token_ids == (PREVIOUS_TOKEN,)
+        results.append(runner.step(plan))
+        outputs.add(scheduler.apply(results.popleft()))
+    # Step 3 sampled EOS (output index 2); step 4, in flight, already sampled output index 3 speculatively.
+    want = reference_tokens(prompt_of(6), SampleSpec(sampling=GREEDY, output_index=0), 5, eos_at_context(8),
+                            eos_token_ids=(EOS,))  # fmt: skip
+    assert outputs.tokens[1] == want and len(want) == 3 and want[-1] == EOS
+    assert outputs.finish[1] is FinishReason.STOP
+    assert runner.plans[-1].seqs[0].sample.output_index == 3  # type: ignore[union-attr]
+    assert results[0].sampled and results[0].sampled[0].seq_id == 1
+    # Its blocks are free while step 4 (which writes position 8 into one of them) is still in flight: safe, because
+    # any plan that hands them out again is scheduled after step 4 and ranks run plans in order.
+    assert_all_free(scheduler)
+    assert scheduler.schedule() is None
+    assert scheduler.apply(results.popleft()) == []  # the speculative token never reaches the client
+    assert outputs.tokens[1] == want
+    assert scheduler.num_in_flight == 0
+
+
+def test_blocks_freed_with_a_step_in_flight_are_reused_by_the_next_plan_without_corruption() -> None:
+    scheduler, runner = make(num_blocks=3, block_size=4, max_model_len=12, next_token=eos_at_context(8))
+    scheduler.add(1, prompt_of(6), GREEDY, 5)
+    outputs = Outputs()
+    results = collections.deque([runner.step(scheduler.schedule())])  # type: ignore[arg-type]
+    for _ in range(3):
+        results.append(runner.step(scheduler.schedule()))  # type: ignore[arg-type]
+        outputs.add(scheduler.apply(results.popleft()))
+    assert outputs.finish[1] is FinishReason.STOP  # seq 1 held all 3 blocks; step 4 still writes into them
+    speculative = runner.plans[-1].seqs[0]
+    scheduler.add(2, prompt_of(9, 500), GREEDY, 3)  # needs 3 blocks: only seq 1's freed ones exist
+    plan = scheduler.schedule()
+    assert plan is not None and plan.seqs[0].seq_id == 2
+    assert set(plan.seqs[0].block_table) & set(speculative.block_table)
+    results.append(runner.step(plan))  # runs after step 4, as a rank would: seq 2 overwrites what step 4 wrote
+    drain_results = Outputs()
+    while results:
+        drain_results.add(scheduler.apply(results.popleft()))
+        if (ahead := scheduler.schedule()) is not None:
+            results.append(runner.step(ahead))
+    assert drain_results.tokens[2] == expected(prompt_of(9, 500), 3)  # read back through the reused blocks
+    assert 1 not in drain_results.tokens
+    assert_all_free(scheduler)
+
+
+def test_penalised_sequences_are_never_planned_ahead(mode: bool) -> None:
+    scheduler, runner = make()
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=1.2)
+    scheduler.add(1, prompt_of(3), penalised, 6)
+    scheduler.add(2, prompt_of(3, 300), GREEDY, 6)
+    outputs = drain(scheduler, runner)
+    steps = {seq_id: [s for p in runner.plans for s in p.seqs if s.seq_id == seq_id] for seq_id in (1, 2)}
+    assert all(PREVIOUS_TOKEN not in s.token_ids for s in steps[1])
+    assert all(s.sample.history_token_ids for s in steps[1])  # type: ignore[union-attr]
+    assert any(PREVIOUS_TOKEN in s.token_ids for s in steps[2]) == mode
+    assert outputs.tokens[1] == expected(prompt_of(3), 6)
+    assert outputs.tokens[2] == expected(prompt_of(3, 300), 6)
+    assert_all_free(scheduler)
+
+
+def test_planning_ahead_never_exceeds_the_token_budget_or_the_window(mode: bool) -> None:
+    scheduler, runner = make(num_blocks=4, block_size=4)  # a 16-token window
+    scheduler.add(1, prompt_of(5), GREEDY, 4)
+    scheduler.add(2, prompt_of(12, 300), GREEDY, 100)  # capped at 4 by the window
+    outputs = drain(scheduler, runner)
+    for seq_id, budget in ((1, 4), (2, 4)):
+        indexes = [s.sample.output_index for p in runner.plans for s in p.seqs if s.seq_id == seq_id and s.sample]
+        assert indexes == list(range(budget))  # no speculative step past the last allowed token
+    assert outputs.tokens[2] == expected(prompt_of(12, 300), 4)
     assert_all_free(scheduler)

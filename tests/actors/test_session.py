@@ -16,6 +16,8 @@ from trillm.actors.messages import CompletionOutput, FinishReason, GenerateReque
 from trillm.config import EngineConfig
 from trillm.errors import ContextLengthExceededError, SessionBusyError, SessionOccupiedError
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test runs in lockstep and with step overlap
+
 TOKENIZER = FakeTokenizer()
 GREEDY = SamplingParams(temperature=0.0)
 

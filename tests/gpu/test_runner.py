@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
 import pytest
 import torch
 
-from trillm.actors.messages import SampleSpec, SamplingParams, SeqStep, StepPlan
+from trillm.actors.messages import PREVIOUS_TOKEN, RankReady, SampleSpec, SamplingParams, SeqStep, Shutdown, StepPlan
 from trillm.config import RunnerConfig
 from trillm.errors import ModelLoadError
+from trillm.gpu.rank import recv_message, send_message
 from trillm.gpu.runner import ModelRunner, plan_num_blocks
 
 GREEDY = SampleSpec(sampling=SamplingParams(temperature=0.0), output_index=0)
@@ -189,3 +191,75 @@ def test_cuda_kv_cache_takes_its_share_of_free_memory() -> None:
     block_bytes = 2 * 2 * 6 * 8 * 32 * 4
     assert runner.layout.num_blocks == pytest.approx(0.01 * free_bytes / block_bytes, rel=0.05)
     assert runner.kv_caches[0][0].device.type == "cuda"
+
+
+# -- step overlap: PREVIOUS_TOKEN --------------------------------------------------------------------------------------
+
+SEEDED = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+
+
+def _overlapped_plans(num_tokens: int) -> list[StepPlan]:
+    """A 5-token prefill, then decodes planned ahead: every decode token is PREVIOUS_TOKEN."""
+    plans = [StepPlan(step_id=0, seqs=(SeqStep(seq_id=4, token_ids=(9, 8, 7, 6, 5), start_pos=0, block_table=(0, 1),
+                                               sample=SampleSpec(sampling=SEEDED, output_index=0)),))]  # fmt: skip
+    for step in range(1, num_tokens):
+        spec = SampleSpec(sampling=SEEDED, output_index=step)
+        seq = SeqStep(seq_id=4, token_ids=(PREVIOUS_TOKEN,), start_pos=4 + step, block_table=(0, 1), sample=spec)
+        plans.append(StepPlan(step_id=step, seqs=(seq,)))
+    return plans
+
+
+def _explicit_tokens(runner: ModelRunner, num_tokens: int) -> list[int]:
+    tokens: list[int] = []
+    for plan in _overlapped_plans(num_tokens):
+        seq = plan.seqs[0]
+        if seq.token_ids == (PREVIOUS_TOKEN,):
+            plan = attrs.evolve(plan, seqs=(attrs.evolve(seq, token_ids=(tokens[-1],)),))
+        tokens.append(runner.step(plan).sampled[0].token_id)
+    return tokens
+
+
+def test_previous_token_placeholders_decode_exactly_like_explicit_tokens(runner: ModelRunner) -> None:
+    explicit = _explicit_tokens(runner, 6)
+    placeholders = [runner.step(plan).sampled[0].token_id for plan in _overlapped_plans(6)]
+    assert placeholders == explicit
+
+
+def test_previous_token_needs_a_sample_in_the_previous_plan(runner: ModelRunner) -> None:
+    first, second, _ = _overlapped_plans(3)
+    runner.step(first)
+    other = SeqStep(seq_id=99, token_ids=(1, 2), start_pos=0, block_table=(2,), sample=GREEDY)
+    runner.step(StepPlan(step_id=5, seqs=(other,)))  # seq 4 is absent: its last sample is forgotten (bounded)
+    with pytest.raises(ValueError, match="PREVIOUS_TOKEN"):
+        runner.step(second)
+    assert runner.substitute_previous_tokens(StepPlan(step_id=6, seqs=(other,))).seqs == (other,)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_3_ranks_substitute_placeholders_identically() -> None:
+    """Every rank samples (rank 0 alone reports): placeholders decode as explicit tokens over gloo, seeded draws too."""
+    from test_rank import RankHandle, _config, _free_port
+
+    explicit = _explicit_tokens(ModelRunner(_config()), 5)
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    ranks = [RankHandle(_config(rank=r, world_size=3, dist_init_method=init_method)) for r in range(3)]
+    try:
+        assert all(isinstance(recv_message(handle.sock), RankReady) for handle in ranks)
+        tokens = []
+        plans = _overlapped_plans(5)
+        for handle in ranks:  # both plans in each rank's socket before any reply: the overlapped pipeline
+            send_message(handle.sock, plans[0])
+        for plan in plans[1:]:
+            for handle in ranks:
+                send_message(handle.sock, plan)
+            replies = [recv_message(handle.sock) for handle in ranks]
+            assert [r.sampled for r in replies[1:]] == [(), ()]
+            tokens.append(replies[0].sampled[0].token_id)
+        replies = [recv_message(handle.sock) for handle in ranks]
+        tokens.append(replies[0].sampled[0].token_id)
+        assert tokens == explicit
+        for handle in ranks:
+            send_message(handle.sock, Shutdown())
+    finally:
+        for handle in ranks:
+            handle.close()

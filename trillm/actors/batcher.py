@@ -9,8 +9,12 @@ Delivery never waits on a client: each sequence's TokenEvent channel is buffered
 (the Engine sizes it from the token budget), so `send_nowait` suffices. A channel whose receiver is closed means the
 client is gone: the sequence is aborted and its blocks are freed at once, before the next plan.
 
-Step N+1 could be planned while the ranks run step N (issue 4): `_dispatch` and `_collect` are separate for that,
-and the Scheduler already advances `num_computed_tokens` at planning time. Today they run back to back.
+Step overlap (`enable_overlap`, the default): at most two plans are in flight. The loop dispatches plan N+1 before
+it collects plan N — dispatch N, schedule and dispatch N+1, collect and apply N, schedule and dispatch N+2, collect
+N+1, ... — so the ranks find their next plan waiting when they finish a step and never idle on the serving process
+(pickling, the socket, Trio wake-ups, scheduling, delivery). The Scheduler plans ahead with `PREVIOUS_TOKEN`
+placeholders (scheduler.py says how it reconciles). When nothing can be planned ahead (idle, or only sequences with
+penalties) it collects first, which is the lockstep loop; `enable_overlap=False` always runs lockstep.
 
 When the loop ends — its inbox closed (engine shutdown) or an exception, typically a rank's EngineDeadError
 cancelling it — every live sequence gets a final TokenEvent with `error` set and its channel is closed.
@@ -18,6 +22,7 @@ cancelling it — every live sequence gets a final TokenEvent with `error` set a
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Sequence
@@ -46,7 +51,7 @@ class BatcherStats:
 
     scheduler: SchedulerStats
     num_steps: int
-    busy_s: float  # wall time spent with a step in flight
+    busy_s: float  # wall time spent with at least one step in flight
     last_step_s: float
 
 
@@ -59,6 +64,8 @@ class BatcherActor:
         inbox: trio.MemoryReceiveChannel[BatcherInbox],
         plan_channels: Sequence[trio.MemorySendChannel[StepPlan]],
         result_channels: Sequence[trio.MemoryReceiveChannel[StepResult]],
+        *,
+        enable_overlap: bool = True,
     ) -> None:
         assert plan_channels and len(plan_channels) == len(result_channels)
         self._scheduler = scheduler
@@ -66,6 +73,9 @@ class BatcherActor:
         self._plan_channels = list(plan_channels)  # rank order
         self._result_channels = list(result_channels)
         self._events: dict[int, trio.MemorySendChannel[TokenEvent]] = {}  # live seq id → its TokenEvent channel
+        self._max_in_flight = 2 if enable_overlap else 1
+        self._in_flight: collections.deque[StepPlan] = collections.deque()  # dispatched, not collected; oldest first
+        self._busy_since = 0.0
         self._num_steps = 0
         self._busy_s = 0.0
         self._last_step_s = 0.0
@@ -94,24 +104,39 @@ class BatcherActor:
     async def _loop(self) -> None:
         while True:
             if not self._drain_inbox():
+                await self._settle()
                 return
-            plan = self._scheduler.schedule()
-            if plan is None:
+            plan = self._scheduler.schedule() if len(self._in_flight) < self._max_in_flight else None
+            if plan is not None:
+                if not self._in_flight:
+                    self._busy_since = time.perf_counter()
+                self._in_flight.append(plan)
+                await self._dispatch(plan)
+                if len(self._in_flight) < self._max_in_flight:
+                    continue  # plan the next step ahead before collecting this one
+            if not self._in_flight:
                 try:
                     message = await self._inbox.receive()
                 except trio.EndOfChannel:
                     return
                 self._handle(message)
                 continue
-            started = time.perf_counter()
-            await self._dispatch(plan)
-            result = await self._collect(plan)
+            oldest = self._in_flight[0]
+            result = await self._collect(oldest)
+            self._in_flight.popleft()
             # Only this task touches the Scheduler, so nothing changed it while we awaited the ranks; messages that
             # arrived meanwhile wait in the inbox until the next drain.
-            self._last_step_s = time.perf_counter() - started
+            now = time.perf_counter()
+            self._last_step_s = now - self._busy_since  # since the previous collection (or the first dispatch)
             self._busy_s += self._last_step_s
+            self._busy_since = now
             self._num_steps += 1
             self._deliver(self._scheduler.apply(result))
+
+    async def _settle(self) -> None:
+        """Collect the plans still in flight (the inbox closed): the workers must not answer into a closed channel."""
+        while self._in_flight:
+            await self._collect(self._in_flight.popleft())
 
     def _drain_inbox(self) -> bool:
         """Handle every message already in the inbox; False once the inbox is closed and empty."""

@@ -329,6 +329,7 @@ class Engine:
                     self._inbox_receive,
                     [send for send, _ in plan_channels],
                     [receive for _, receive in result_channels],
+                    enable_overlap=self.config.enable_overlap,
                 )
                 await actors.start(self._guarded, self._batcher.run)
                 is_started = True

@@ -3,8 +3,10 @@
 The serving process reaches GPU code only here. Each worker spawns its rank (`trillm.gpu.rank.rank_main`, or a test's
 stand-in with the same signature) as `python -m trillm.gpu.rank --fd N` over a `socket.socketpair()` — a plain
 subprocess, so daemonic hosts such as hypercorn's CLI workers can start it too — sends it its RunnerConfig, waits for
-its `RankReady`, then serves the Batcher's StepPlans in order: send a plan, await the rank's StepResult, pass it on. One
-task owns the pipe, so a reply can never be read by the wrong waiter (STACK.md).
+its `RankReady`, then serves the Batcher's StepPlans in order: one task forwards each plan to the rank as soon as the
+Batcher sends it (with step overlap the next plan is already in the rank's socket while it runs the current one),
+another reads the replies in order and passes them on. One task writes and one reads the pipe, and replies are matched
+to plans by order and step id, so a reply can never go to the wrong waiter (STACK.md).
 
 Wire format, both ways (the same as `gpu/rank.py`'s blocking helpers): an 8-byte little-endian unsigned length, then
 `pickle.dumps(message, protocol=5)`.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import pickle
 import socket
@@ -160,7 +163,7 @@ class GPUWorkerActor:
         self._target = target or rank_main
         self._process: subprocess.Popen[bytes] | None = None
         self._num_steps = 0
-        self._is_stepping = False  # a plan is out and its reply not read yet
+        self._num_outstanding = 0  # plans sent to the rank whose reply is not read yet
 
     @property
     def pid(self) -> int | None:
@@ -222,30 +225,58 @@ class GPUWorkerActor:
     async def _serve(
         self, stream: trio.SocketStream, reader: FrameReader, process: subprocess.Popen[bytes]
     ) -> None:
-        async for plan in self._plans:
-            self._is_stepping = True
+        """Forward plans and read replies concurrently until the plans close and every reply is passed on."""
+        sent_send, sent_receive = trio.open_memory_channel[int](math.inf)  # step ids sent, in order
+        failures: list[EngineDeadError] = []
+
+        async def guarded(function: Callable[[], Any], cancel_scope: trio.CancelScope) -> None:
             try:
-                await send_frame(stream, plan)
-                reply = await reader.receive()
-            except (EOFError, trio.BrokenResourceError):
-                raise EngineDeadError(
-                    f"rank {self.rank} died during step {plan.step_id} ({await self._exit_status(process)})"
-                ) from None
-            match reply:
-                case StepResult(step_id=plan.step_id):
-                    self._is_stepping = False  # stays True on any failure, which this task reports
-                    self._num_steps += 1
-                    await self._results.send(reply)
-                case RankFailed():
-                    log.error("rank %d failed:\n%s", self.rank, reply.traceback)
-                    raise EngineDeadError(f"rank {self.rank} failed during step {plan.step_id}: {reply.message}")
-                case _:
-                    raise EngineDeadError(f"rank {self.rank} answered step {plan.step_id} with {reply!r:.200}")
+                await function()
+            except EngineDeadError as exc:  # reported once, not wrapped in the nursery's ExceptionGroup
+                failures.append(exc)
+                cancel_scope.cancel()
+
+        async def forward() -> None:
+            with sent_send:
+                async for plan in self._plans:
+                    self._num_outstanding += 1
+                    sent_send.send_nowait(plan.step_id)
+                    try:
+                        await send_frame(stream, plan)
+                    except trio.BrokenResourceError:
+                        raise EngineDeadError(
+                            f"rank {self.rank} died during step {plan.step_id} ({await self._exit_status(process)})"
+                        ) from None
+
+        async def answer() -> None:
+            async for step_id in sent_receive:
+                try:
+                    reply = await reader.receive()
+                except (EOFError, trio.BrokenResourceError):
+                    raise EngineDeadError(
+                        f"rank {self.rank} died during step {step_id} ({await self._exit_status(process)})"
+                    ) from None
+                match reply:
+                    case StepResult(step_id=answered) if answered == step_id:
+                        self._num_outstanding -= 1  # stays > 0 on any failure, which this task reports
+                        self._num_steps += 1
+                        await self._results.send(reply)
+                    case RankFailed():
+                        log.error("rank %d failed:\n%s", self.rank, reply.traceback)
+                        raise EngineDeadError(f"rank {self.rank} failed during step {step_id}: {reply.message}")
+                    case _:
+                        raise EngineDeadError(f"rank {self.rank} answered step {step_id} with {reply!r:.200}")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guarded, forward, nursery.cancel_scope)
+            nursery.start_soon(guarded, answer, nursery.cancel_scope)
+        if failures:
+            raise failures[0]
 
     async def _watch(self, process: subprocess.Popen[bytes]) -> None:
         """Raise as soon as the rank process ends between steps (during a step, `_serve` reports it: one error)."""
         await _wait_exited(process)
-        if self._is_stepping:
+        if self._num_outstanding:
             return
         raise EngineDeadError(f"rank {self.rank} process died ({await self._exit_status(process)})")
 

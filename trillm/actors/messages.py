@@ -216,12 +216,17 @@ class SampleSpec:
     num_prompt_tokens: int = 0
 
 
+PREVIOUS_TOKEN = -1  # a SeqStep token id meaning "the token this rank last sampled for this seq_id" (step overlap)
+
+
 @attrs.frozen(kw_only=True)
 class SeqStep:
     """One sequence's share of a StepPlan: compute `token_ids` at positions `start_pos ...` into its KV blocks.
 
     `block_table` lists the KV blocks for positions [0, start_pos + len(token_ids)). A prefill chunk that does not
-    reach the end of the prompt has `sample=None`.
+    reach the end of the prompt has `sample=None`. With step overlap a decode's token may be `PREVIOUS_TOKEN`: the
+    Batcher planned this step before the previous one's sample came back, and every rank substitutes the token it
+    sampled for this `seq_id` in the last plan that sampled it (that plan is always the one just before this one).
     """
 
     seq_id: int

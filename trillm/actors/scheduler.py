@@ -17,6 +17,23 @@ A sequence's `num_computed_tokens` advances when it is put in a plan (its KV is 
 steps in order), so the next plan may already rely on it. The last sampled token of a sequence is never fed to the
 model: its KV does not exist until the next decode computes it.
 
+Planning ahead (step overlap). `schedule()` may be called again while one plan is in flight (not applied yet); at
+most two plans are then in flight. A sequence whose sample is still in flight (`num_pending` > 0) continues at once:
+its next decode feeds `PREVIOUS_TOKEN` at position len(token_ids) (the rank substitutes what it sampled for that
+seq_id in the plan before), samples output index num_output_tokens + num_pending, and gets a block for it — unless
+the pending token is already its last allowed one (max_new_tokens / the window), or it has penalties (the rank would
+need the unknown token in `history_token_ids`; such sequences simply wait for their result). A non-final prefill chunk
+in flight continues with its next chunk as before. `apply(result N)` reconciles: a sequence that finishes at N while
+plan N+1 holds a speculative step for it is finished at once; that step's sample is dropped when N+1 is applied.
+
+Freeing blocks with a plan in flight is safe at once. Ranks execute plans strictly in order, one at a time. A block
+freed now (finish, abort, preemption) can only be handed out in a plan scheduled from now on, i.e. plan N+2 or later,
+and the ranks run that plan only after every plan already in flight (N+1 included, which may still write the freed
+sequence's speculative KV into it) has completed. So the new owner's writes always come after the old owner's, and it
+never reads a position it has not written itself (or got from a prefix-cache hash of fully known tokens). Only blocks
+holding known tokens are ever hashed into the prefix cache, and a finished sequence parks at most
+len(token_ids) - 1 computed tokens, exactly as in lockstep.
+
 Reused KV. A new sequence may start with `num_computed_tokens > 0`:
 - parked session KV: a finished sequence with `keep_kv` parks its computed tokens and their blocks under its
   `session_id`; the session's next sequence reuses the longest common prefix of those tokens and its own (at least
@@ -35,6 +52,7 @@ import attrs
 
 from trillm.actors.kv_blocks import ROOT_HASH, BlockManager, BlockManagerStats, blocks_for, hash_block
 from trillm.actors.messages import (
+    PREVIOUS_TOKEN,
     FinishReason,
     SampleSpec,
     SamplingParams,
@@ -74,6 +92,12 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens reused (parked or prefix-cached KV) at first admission
     status: SeqStatus = SeqStatus.WAITING
     is_admitted: bool = False  # admitted at least once
+    num_pending: int = 0  # samples in flight for it (planned, not applied yet): 0 in lockstep between steps
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens plus the ones sampled by plans in flight (their ids are not known yet)."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
@@ -81,7 +105,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def output_token_ids(self) -> tuple[int, ...]:
@@ -140,7 +164,7 @@ class Scheduler:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []  # admission order: oldest first
         self._parked: collections.OrderedDict[int, _ParkedKV] = collections.OrderedDict()  # LRU first
-        self._awaiting_samples: set[int] = set()  # seq ids sampled by the plan in flight
+        self._in_flight: collections.deque[tuple[int, set[int]]] = collections.deque()  # (step id, seqs it samples)
         self._step_id = 0
         self._num_preemptions = 0
         self._num_evicted_sessions = 0
@@ -214,9 +238,18 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
 
+    @property
+    def num_in_flight(self) -> int:
+        """Plans scheduled and not applied yet."""
+        return len(self._in_flight)
+
     def schedule(self) -> StepPlan | None:
-        """The next step's plan, or None when there is nothing to run."""
-        assert not self._awaiting_samples, "schedule() called with a step in flight"
+        """The next step's plan, or None when there is nothing to run.
+
+        May be called with one plan in flight (step overlap): the plan then continues the in-flight sequences.
+        """
+        assert len(self._in_flight) <= 1, "schedule() called with two steps in flight"
+        self._in_flight.append((self._step_id + 1, set()))
         num_preemptions = self._num_preemptions
         steps = [self._plan_tokens(seq, 1) for seq in self._reserve_decode_slots()]
         budget = self.max_prefill_token_num
@@ -236,6 +269,7 @@ class Scheduler:
             budget -= chunk
             steps.append(self._plan_tokens(seq, chunk))
         if not steps:
+            self._in_flight.pop()
             return None
         self._step_id += 1
         return StepPlan(step_id=self._step_id, seqs=tuple(steps))
@@ -243,23 +277,29 @@ class Scheduler:
     def apply(self, result: StepResult) -> list[TokenEvent]:
         """Record the tokens a finished step sampled; returns one event per sequence that got a token.
 
-        Tokens for sequences aborted while the step ran are dropped.
+        Results must come in plan order. Tokens for sequences that finished (aborted, or finished by an earlier
+        step's token while this one was in flight) are dropped.
         """
+        step_id, awaiting = self._in_flight.popleft()
+        assert result.step_id == step_id, f"applying step {result.step_id}, expected {step_id}"
         events = []
         for sampled in result.sampled:
-            if sampled.seq_id not in self._awaiting_samples:
-                continue  # aborted while the step ran
-            self._awaiting_samples.discard(sampled.seq_id)
+            if sampled.seq_id not in awaiting:
+                continue  # finished while the step ran: the sample is discarded
+            awaiting.discard(sampled.seq_id)
             seq = self._seqs[sampled.seq_id]
+            seq.num_pending -= 1
             seq.token_ids.append(sampled.token_id)
             self._num_generated_tokens += 1
             reason = self._finish_reason(seq, sampled.token_id)
             if reason is not None:
                 self._finish(seq)
+            else:
+                self._hash_computed_blocks(seq)  # a block whose last token just became known
             logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
             events.append(self._event(seq, token_ids=(sampled.token_id,), logprobs=logprobs, finish_reason=reason))
-        if self._awaiting_samples:
-            raise AssertionError(f"step {result.step_id} returned no token for seqs {sorted(self._awaiting_samples)}")
+        if awaiting:
+            raise AssertionError(f"step {result.step_id} returned no token for seqs {sorted(awaiting)}")
         return events
 
     def statistics(self) -> SchedulerStats:
@@ -289,6 +329,8 @@ class Scheduler:
         for seq in list(self._running):  # oldest first; victims are taken from the newest end
             if seq.status is not SeqStatus.RUNNING or seq.num_uncomputed_tokens != 1:
                 continue
+            if seq.num_pending and not self._may_plan_ahead(seq):
+                continue  # waits for its result (last allowed token in flight, or penalties)
             num_needed = blocks_for(seq.num_computed_tokens + 1, self.block_size) - len(seq.block_table)
             while not self.block_manager.can_allocate(num_needed):
                 if self._evict_parked():
@@ -301,6 +343,13 @@ class Scheduler:
                 seq.block_table += self.block_manager.allocate(num_needed)
                 scheduled.append(seq)
         return scheduled
+
+    def _may_plan_ahead(self, seq: Sequence) -> bool:
+        """Whether a sequence with a sample in flight may get its next decode now, before that sample is known."""
+        if seq.sampling.has_penalties:
+            return False  # the rank would need the unknown token in history_token_ids
+        num_outputs = seq.num_output_tokens + seq.num_pending
+        return num_outputs < seq.max_new_tokens and seq.num_tokens < self.max_model_len
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's KV and requeue it at the front to recompute prompt + outputs."""
@@ -324,7 +373,12 @@ class Scheduler:
     # -- admission ---------------------------------------------------------------------------------------------------
 
     def _admit(self, seq: Sequence) -> bool:
-        """Move the head of the waiting queue to running with blocks for all its tokens; False if they don't fit."""
+        """Move the head of the waiting queue to running with blocks for all its tokens; False if they don't fit.
+
+        A sequence preempted with a sample in flight waits (at the head) until that sample is applied.
+        """
+        if seq.num_pending:
+            return False
         is_claimed = self._claim_parked(seq)
         if not is_claimed:
             self._match_prefix(seq)
@@ -402,18 +456,24 @@ class Scheduler:
         start = seq.num_computed_tokens
         end = start + num_tokens
         sample = None
-        if end == len(seq.token_ids):
+        if end == seq.num_tokens:
+            assert not (seq.num_pending and seq.sampling.has_penalties), "penalised sequences are not planned ahead"
             sample = SampleSpec(
                 sampling=seq.sampling,
-                output_index=seq.num_output_tokens,
+                output_index=seq.num_output_tokens + seq.num_pending,
                 eos_token_ids=self.eos_token_ids,
                 history_token_ids=tuple(seq.token_ids) if seq.sampling.has_penalties else (),
                 num_prompt_tokens=seq.num_prompt_tokens,
             )
-            self._awaiting_samples.add(seq.seq_id)
+            self._in_flight[-1][1].add(seq.seq_id)
+            seq.num_pending += 1
+        token_ids = tuple(seq.token_ids[start:end])
+        if len(token_ids) < num_tokens:  # the in-flight sample: at most one, the last position
+            assert len(token_ids) + 1 == num_tokens and seq.num_pending == 2, "only the in-flight sample is unknown"
+            token_ids += (PREVIOUS_TOKEN,)
         step = SeqStep(
             seq_id=seq.seq_id,
-            token_ids=tuple(seq.token_ids[start:end]),
+            token_ids=token_ids,
             start_pos=start,
             block_table=tuple(seq.block_table[: blocks_for(end, self.block_size)]),
             sample=sample,
@@ -428,7 +488,8 @@ class Scheduler:
         if not self.block_manager.enable_prefix_caching:
             return
         size = self.block_size
-        for index in range(len(seq.block_hashes), seq.num_computed_tokens // size):
+        num_known = min(seq.num_computed_tokens, len(seq.token_ids))  # never hash a block with an unknown token
+        for index in range(len(seq.block_hashes), num_known // size):
             parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
             block_hash = hash_block(parent, seq.token_ids[index * size : (index + 1) * size])
             self.block_manager.register(seq.block_table[index], block_hash)
@@ -455,7 +516,12 @@ class Scheduler:
         else:
             self._waiting.remove(seq)
         del self._seqs[seq.seq_id]
-        self._awaiting_samples.discard(seq.seq_id)
+        for _, awaiting in self._in_flight:
+            awaiting.discard(seq.seq_id)  # a sample still in flight for it is dropped when its step is applied
+        seq.num_pending = 0
+        # Park (or free) what lockstep would: never the last token, whose KV lockstep has not computed; with a step
+        # in flight the count may run ahead of the known tokens. Freeing at once is safe (module docstring).
+        seq.num_computed_tokens = min(seq.num_computed_tokens, len(seq.token_ids) - 1)
         if seq.keep_kv and seq.num_computed_tokens > 0:
             assert seq.session_id is not None
             self._park(seq)
