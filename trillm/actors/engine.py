@@ -12,8 +12,8 @@ requests with EngineDeadError until it shuts down. A failure before the engine i
 
 Requests. `generate` validates up front (window, drain, death, occupied sessions), resolves each choice's seed and
 token budget, submits `n` sequences that share one TokenEvent channel (a clone each), and yields a `RequestStream`
-that detokenizes and matches stop strings per choice. Leaving the `generate` context early aborts every sequence.
-`interactive` runs one turn of a SessionActor, which calls back into the same request path. Rank configuration
+(`request_stream.py`) that detokenizes and matches stop strings per choice. Leaving the `generate` context early
+aborts every sequence. `interactive` runs one turn of a SessionActor, which calls back into the same request path. Rank configuration
 (device, dtype and batch-size defaults) is resolved by `gpu_worker.runner_configs`.
 """
 
@@ -42,10 +42,8 @@ from trillm.actors.gpu_worker import (
 )
 from trillm.actors.kv_blocks import BlockManager
 from trillm.actors.messages import (
-    Abort,
     BatcherInbox,
     CompletionOutput,
-    FinishReason,
     GenerateRequest,
     RankReady,
     ReleaseSession,
@@ -55,6 +53,7 @@ from trillm.actors.messages import (
     Submit,
     TokenEvent,
 )
+from trillm.actors.request_stream import Choice, RequestStream
 from trillm.actors.scheduler import Scheduler
 from trillm.actors.session import SessionActor
 from trillm.config import DEFAULT_MODEL, RANDOM_MODEL_PREFIX, EngineConfig, RunnerConfig
@@ -120,109 +119,6 @@ def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return str(exc) or type(exc).__name__
-
-
-# -- one request's output stream -------------------------------------------------------------------------------------
-
-
-@attrs.define(kw_only=True)
-class _Choice:
-    index: int
-    detokenizer: IncrementalDetokenizer
-    stop: StopStringMatcher
-    num_output_tokens: int = 0
-    is_finished: bool = False
-
-
-class RequestStream:
-    """Engine.generate's iterator: one request's TokenEvents → detokenized CompletionOutputs, choices interleaved.
-
-    Each choice is one sequence. A stop string found in a choice's text finishes it with `stop` (text cut before the
-    match) and aborts its sequence; events that still arrive for it are dropped.
-    """
-
-    def __init__(
-        self,
-        receive: trio.MemoryReceiveChannel[TokenEvent],
-        choices: dict[int, _Choice],
-        *,
-        num_history_tokens: int,
-        send: Callable[[BatcherInbox], Any],
-        send_nowait: Callable[[BatcherInbox], None],
-        failure: Callable[[], str | None],
-    ) -> None:
-        self._receive = receive
-        self._choices = choices  # seq id → choice
-        self._num_history_tokens = num_history_tokens
-        self._send = send
-        self._send_nowait = send_nowait
-        self._failure = failure
-
-    @property
-    def unfinished_seq_ids(self) -> list[int]:
-        return [seq_id for seq_id, choice in self._choices.items() if not choice.is_finished]
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> CompletionOutput:
-        while self.unfinished_seq_ids:
-            try:
-                event = await self._receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                raise EngineDeadError(self._failure() or "the engine stopped") from None
-            if event.error is not None:
-                raise EngineDeadError(self._failure() or event.error)
-            output = self._on_event(event)
-            if output is None:
-                continue
-            if output.finish_reason is FinishReason.STOP and event.finish_reason is None:
-                await self._send(Abort(seq_id=event.seq_id, reason=FinishReason.STOP))  # a stop string matched
-            return output
-        raise StopAsyncIteration
-
-    async def abort(self) -> None:
-        """Abort every unfinished sequence; their final events (finish_reason `abort`) still come through."""
-        for seq_id in self.unfinished_seq_ids:
-            try:
-                await self._send(Abort(seq_id=seq_id))
-            except EngineDeadError:
-                return  # nothing runs any more: the stream itself reports the failure
-
-    def abort_nowait(self) -> None:
-        """Abort what is unfinished without waiting (if the inbox is full, the closed channel does it later)."""
-        for seq_id in self.unfinished_seq_ids:
-            try:
-                self._send_nowait(Abort(seq_id=seq_id))
-            except (trio.WouldBlock, EngineDeadError):
-                pass
-
-    def _on_event(self, event: TokenEvent) -> CompletionOutput | None:
-        choice = self._choices.get(event.seq_id)
-        if choice is None or choice.is_finished:
-            return None
-        choice.num_output_tokens += len(event.token_ids)
-        text, is_matched = choice.stop.push(choice.detokenizer.push(event.token_ids))
-        finish_reason = FinishReason.STOP if is_matched else event.finish_reason
-        if finish_reason is not None and not is_matched:
-            tail, is_matched = choice.stop.push(choice.detokenizer.flush())
-            text += tail
-            if is_matched:
-                finish_reason = FinishReason.STOP
-            else:
-                text += choice.stop.flush()
-        choice.is_finished = finish_reason is not None
-        return CompletionOutput(
-            index=choice.index,
-            text=text,
-            token_ids=event.token_ids,
-            logprobs=event.logprobs,
-            finish_reason=finish_reason,
-            num_prompt_tokens=event.num_prompt_tokens,
-            num_output_tokens=choice.num_output_tokens,
-            num_cached_tokens=event.num_cached_tokens,
-            num_history_tokens=self._num_history_tokens,
-        )
 
 
 # -- the engine ------------------------------------------------------------------------------------------------------
@@ -474,14 +370,14 @@ class Engine:
             finally:
                 stream.abort_nowait()
 
-    def _new_choice(self, index: int, request: GenerateRequest) -> _Choice:
+    def _new_choice(self, index: int, request: GenerateRequest) -> Choice:
         detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
             prompt_token_ids=request.prompt_token_ids,
         )
-        return _Choice(index=index, detokenizer=detokenizer, stop=StopStringMatcher(request.stop))
+        return Choice(index=index, detokenizer=detokenizer, stop=StopStringMatcher(request.stop))
 
     async def _send(self, message: BatcherInbox) -> None:
         try:

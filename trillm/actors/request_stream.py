@@ -1,0 +1,125 @@
+"""RequestStream: one request's TokenEvents turned into detokenized CompletionOutputs, choices interleaved.
+
+`Engine.generate` submits one sequence per choice, all sending to one channel, and hands the HTTP layer this
+iterator. It runs in the request handler's task in the serving process: each choice has its own incremental
+detokenizer and stop-string matcher, so detokenizing and stop matching cost the Batcher nothing. A stop string
+found in a choice's text finishes that choice with `stop` (the text cut before the match) and aborts its sequence;
+events that still arrive for it (the step in flight) are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+
+from trillm.actors.messages import Abort, BatcherInbox, CompletionOutput, FinishReason, TokenEvent
+from trillm.errors import EngineDeadError
+from trillm.tokenizer import IncrementalDetokenizer, StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define(kw_only=True)
+class Choice:
+    """One choice of a request: its position in the response and its text pipeline (mutable, owned by the stream)."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer
+    stop: StopStringMatcher
+    num_output_tokens: int = 0
+    is_finished: bool = False
+
+
+class RequestStream:
+    """Engine.generate's iterator: one request's TokenEvents → detokenized CompletionOutputs, choices interleaved.
+
+    Each choice is one sequence. A stop string found in a choice's text finishes it with `stop` (text cut before the
+    match) and aborts its sequence; events that still arrive for it are dropped.
+    """
+
+    def __init__(
+        self,
+        receive: trio.MemoryReceiveChannel[TokenEvent],
+        choices: dict[int, Choice],
+        *,
+        num_history_tokens: int,
+        send: Callable[[BatcherInbox], Any],
+        send_nowait: Callable[[BatcherInbox], None],
+        failure: Callable[[], str | None],
+    ) -> None:
+        self._receive = receive
+        self._choices = choices  # seq id → choice
+        self._num_history_tokens = num_history_tokens
+        self._send = send
+        self._send_nowait = send_nowait
+        self._failure = failure
+
+    @property
+    def unfinished_seq_ids(self) -> list[int]:
+        return [seq_id for seq_id, choice in self._choices.items() if not choice.is_finished]
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> CompletionOutput:
+        while self.unfinished_seq_ids:
+            try:
+                event = await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise EngineDeadError(self._failure() or "the engine stopped") from None
+            if event.error is not None:
+                raise EngineDeadError(self._failure() or event.error)
+            output = self._on_event(event)
+            if output is None:
+                continue
+            if output.finish_reason is FinishReason.STOP and event.finish_reason is None:
+                await self._send(Abort(seq_id=event.seq_id, reason=FinishReason.STOP))  # a stop string matched
+            return output
+        raise StopAsyncIteration
+
+    async def abort(self) -> None:
+        """Abort every unfinished sequence; their final events (finish_reason `abort`) still come through."""
+        for seq_id in self.unfinished_seq_ids:
+            try:
+                await self._send(Abort(seq_id=seq_id))
+            except EngineDeadError:
+                return  # nothing runs any more: the stream itself reports the failure
+
+    def abort_nowait(self) -> None:
+        """Abort what is unfinished without waiting (if the inbox is full, the closed channel does it later)."""
+        for seq_id in self.unfinished_seq_ids:
+            try:
+                self._send_nowait(Abort(seq_id=seq_id))
+            except (trio.WouldBlock, EngineDeadError):
+                pass
+
+    def _on_event(self, event: TokenEvent) -> CompletionOutput | None:
+        choice = self._choices.get(event.seq_id)
+        if choice is None or choice.is_finished:
+            return None
+        choice.num_output_tokens += len(event.token_ids)
+        text, is_matched = choice.stop.push(choice.detokenizer.push(event.token_ids))
+        finish_reason = FinishReason.STOP if is_matched else event.finish_reason
+        if finish_reason is not None and not is_matched:
+            tail, is_matched = choice.stop.push(choice.detokenizer.flush())
+            text += tail
+            if is_matched:
+                finish_reason = FinishReason.STOP
+            else:
+                text += choice.stop.flush()
+        choice.is_finished = finish_reason is not None
+        return CompletionOutput(
+            index=choice.index,
+            text=text,
+            token_ids=event.token_ids,
+            logprobs=event.logprobs,
+            finish_reason=finish_reason,
+            num_prompt_tokens=event.num_prompt_tokens,
+            num_output_tokens=choice.num_output_tokens,
+            num_cached_tokens=event.num_cached_tokens,
+            num_history_tokens=self._num_history_tokens,
+        )
