@@ -13,8 +13,8 @@ requests with EngineDeadError until it shuts down. A failure before the engine i
 Requests. `generate` validates up front (window, drain, death, occupied sessions), resolves each choice's seed and
 token budget, submits `n` sequences that share one TokenEvent channel (a clone each), and yields a `RequestStream`
 (`request_stream.py`) that detokenizes and matches stop strings per choice. Leaving the `generate` context early
-aborts every sequence. `interactive` runs one turn of a SessionActor, which calls back into the same request path. Rank configuration
-(device, dtype and batch-size defaults) is resolved by `gpu_worker.runner_configs`.
+aborts every sequence. `interactive` runs one turn of a SessionActor, which calls back into the same request path.
+Rank configuration (device, dtype and batch-size defaults) is resolved by `gpu_worker.runner_configs`.
 """
 
 from __future__ import annotations
