@@ -149,6 +149,7 @@ def run_engine(args: argparse.Namespace) -> None:
         enable_cuda_graph=not args.no_cuda_graph,
         tokenizer=args.tokenizer,
         session_len=args.session_len,
+        tp=args.tp,
     )
     if args.no_overlap:
         config = attrs.evolve(config, enable_overlap=False)
@@ -164,10 +165,10 @@ def run_engine(args: argparse.Namespace) -> None:
 
     device_name, results = trio.run(main)
     overlap = getattr(config, "enable_overlap", False)
-    path = write_results(f"offline-engine-{'overlap' if overlap else 'lockstep'}", device_name,
-                         {"mode": "engine", "model": args.model, "dtype": args.dtype, "overlap": overlap,
+    path = write_results(f"offline-engine-tp{args.tp}-{'overlap' if overlap else 'lockstep'}", device_name,
+                         {"mode": "engine", "model": args.model, "dtype": args.dtype, "overlap": overlap, "tp": args.tp,
                           "results": results}, out_dir=args.out_dir, commit=args.git_commit)
-    print(f"# engine throughput, {args.model} on {device_name}, step overlap {'on' if overlap else 'off'} "
+    print(f"# engine throughput, {args.model} on {device_name}, tp {args.tp}, step overlap {'on' if overlap else 'off'} "
           f"({path.name})")
     print_table(
         ["batch", "prompt", "output", "tokens", "seconds", "tok/s", "TTFT ms", "ITL ms"],
@@ -434,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine.add_argument("--tokenizer", default=None, help="tokenizer folder or model spec (random presets)")
     engine.add_argument("--session-len", type=int, default=None, help="context window (default: the model's)")
     engine.add_argument("--no-overlap", action="store_true", help="plan each step only after the previous one")
+    engine.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs)")
     steps = sub.add_parser("steps", parents=[common], help="prefill and decode step times on the ModelRunner")
     steps.add_argument("--context", type=int, nargs="+", default=[1024], help="context length per sequence")
     steps.add_argument("--prefill-len", type=int, default=1024)
