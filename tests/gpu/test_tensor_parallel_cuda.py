@@ -22,7 +22,9 @@ PROMPTS = [tuple(range(5, 5 + length)) for length in (7, 33, 70)]
 NUM_TOKENS = 16
 
 
-def greedy_runs(tp: int, dtype: str, tokenizer: str) -> list[tuple[list[int], list[float]]]:
+def greedy_runs(
+    tp: int, dtype: str, tokenizer: str, *, enable_cuda_graph: bool = True
+) -> list[tuple[list[int], list[float]]]:
     """Greedy tokens and their logprobs for PROMPTS, one request after another (runs its own Trio loop)."""
     import trio
 
@@ -31,7 +33,7 @@ def greedy_runs(tp: int, dtype: str, tokenizer: str) -> list[tuple[list[int], li
     from trillm.config import EngineConfig
 
     config = EngineConfig(model="random:tiny-gpu", tp=tp, dtype=dtype, device="cuda", session_len=512,
-                          tokenizer=tokenizer)
+                          tokenizer=tokenizer, enable_cuda_graph=enable_cuda_graph)
     greedy = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=0)
 
     async def main() -> list[tuple[list[int], list[float]]]:
@@ -68,3 +70,12 @@ def test_tp2_over_nccl_in_bfloat16_stays_close_to_tp1(tokenizer: str) -> None:
     for (tokens_1, logprobs_1), (tokens_2, logprobs_2) in zip(one, two, strict=True):
         assert len(tokens_2) == NUM_TOKENS and tokens_2[0] == tokens_1[0]  # reduction order differs after that
         assert abs(logprobs_2[0] - logprobs_1[0]) < 0.1
+
+
+def test_tp2_decode_graphs_with_nccl_match_eager_tp2(tokenizer: str) -> None:
+    """bf16 runs the CuPy kernels and replays decode graphs that contain the NCCL all-reduces; eager must agree."""
+    graphs = greedy_runs(2, "bfloat16", tokenizer)
+    eager = greedy_runs(2, "bfloat16", tokenizer, enable_cuda_graph=False)
+    for (tokens_graph, logprobs_graph), (tokens_eager, logprobs_eager) in zip(graphs, eager, strict=True):
+        assert len(tokens_graph) == NUM_TOKENS and tokens_graph == tokens_eager
+        assert max(abs(a - b) for a, b in zip(logprobs_graph, logprobs_eager, strict=True)) < 1e-2

@@ -333,9 +333,8 @@ class ModelRunner:
         )
         if not cfg.enable_cuda_graph:
             return
-        if cfg.world_size > 1:  # TODO(#4): NCCL all-reduce inside captured graphs is not checked yet
-            log.warning("CUDA graphs are off with tensor parallelism %d (not supported yet)", cfg.world_size)
-            return
+        # With tensor parallelism the graphs hold the NCCL all-reduces too (NCCL supports stream capture): every rank
+        # captures the same batch sizes in the same order, so their collectives pair up during capture and replay.
 
         def forward(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
             return self.model(input_ids, positions, self.kv_caches, meta)  # type: ignore[no-any-return]
