@@ -19,7 +19,8 @@ Batch inputs are built on the host with numpy (one vectorised pass per sequence,
 are wrapped as tensors; on CUDA every index tensor is int32, packed into one pinned host buffer and sent with ONE
 non-blocking copy. Decode-only steps on CUDA write the static buffers of `gpu/cuda_graphs.py` instead and replay the
 captured graph of their padded batch size (or run eagerly on those buffers: graphs off or batch too large); with
-tensor parallelism the graphs hold the NCCL all-reduces as well. Only the sampled token ids (and logprobs when asked) come back to the host.
+tensor parallelism the graphs hold the NCCL all-reduces as well. Only the sampled token ids (and logprobs when
+asked) come back to the host.
 
 Step overlap. A decode planned before the previous step's sample was known carries `PREVIOUS_TOKEN`; `step`
 substitutes the token this rank sampled for that seq_id in the previous plan, kept in a small host dict that only
