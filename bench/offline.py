@@ -403,7 +403,7 @@ def run_steps(args: argparse.Namespace) -> None:
         "cuda_graphs": bool(graph_sizes), "runner_init_s": init_s, "graph_capture_s": capture_s,
         "graph_batch_sizes": list(graph_sizes), "num_kv_blocks": runner.layout.num_blocks, "results": rows,
     }
-    path = write_results(f"offline-steps-{mode}", device_name, payload, out_dir=args.out_dir, commit=args.git_commit)
+    path = write_results(f"offline-steps-{mode}-{dtype}", device_name, payload, out_dir=args.out_dir, commit=args.git_commit)
     if profiles:
         profile_path = result_path(f"offline-profile-{mode}", device_name, args.out_dir, suffix="txt")
         profile_path.write_text("".join(profiles))

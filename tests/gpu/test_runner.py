@@ -8,9 +8,9 @@ from typing import Any
 import attrs
 import pytest
 import torch
+from test_rank import _config  # the rank tests' tiny CPU RunnerConfig (pytest puts tests/gpu on sys.path)
 
 from trillm.actors.messages import PREVIOUS_TOKEN, RankReady, SampleSpec, SamplingParams, SeqStep, Shutdown, StepPlan
-from trillm.config import RunnerConfig
 from trillm.errors import ModelLoadError
 from trillm.gpu.rank import recv_message, send_message
 from trillm.gpu.runner import ModelRunner, plan_num_blocks
@@ -19,23 +19,10 @@ GREEDY = SampleSpec(sampling=SamplingParams(temperature=0.0), output_index=0)
 
 
 def make_runner(**overrides: Any) -> ModelRunner:
-    fields: dict[str, Any] = dict(
-        model_path="random:tiny",
-        rank=0,
-        world_size=1,
-        dist_init_method="",
-        device="cpu",
-        dtype="float32",
-        block_size=8,
-        max_model_len=64,
-        max_batch_size=4,
-        max_prefill_token_num=256,
-        cache_max_entry_count=0.5,
-        cpu_memory_budget_bytes=4 << 20,
-        enable_cuda_graph=False,
-    )
+    """A runner on test_rank's tiny config, with room for 4 sequences and 256 prefill tokens."""
+    fields: dict[str, Any] = dict(max_batch_size=4, max_prefill_token_num=256, cpu_memory_budget_bytes=4 << 20)
     fields.update(overrides)
-    return ModelRunner(RunnerConfig(**fields))
+    return ModelRunner(_config(**fields))
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +224,7 @@ def test_previous_token_needs_a_sample_in_the_previous_plan(runner: ModelRunner)
 @pytest.mark.slow
 def test_tensor_parallel_3_ranks_substitute_placeholders_identically() -> None:
     """Every rank samples (rank 0 alone reports): placeholders decode as explicit tokens over gloo, seeded draws too."""
-    from test_rank import RankHandle, _config, _free_port
+    from test_rank import RankHandle, _free_port
 
     explicit = _explicit_tokens(ModelRunner(_config()), 5)
     init_method = f"tcp://127.0.0.1:{_free_port()}"

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 from quart import Blueprint, Response, request
 
-from trillm.http.choices import ChoiceTotals, chat_logprobs
+from trillm.http.choices import ChoiceTotals, chat_logprobs, collect_totals
 from trillm.http.errors import describe_exception
 from trillm.http.framing import SSE_DONE, sse_error, sse_event, streaming_response
 from trillm.http.metrics import RequestTrace
@@ -87,13 +87,7 @@ async def chat_completions() -> Response:
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return await streaming_response(_events(stream, reply, include_usage), "text/event-stream")
-    try:
-        totals = ChoiceTotals(body.n)
-        for index, output in await stream.collect():
-            totals.add(index, output)
-            reply.trace.on_tokens(len(output.token_ids))
-    finally:
-        elapsed_s = reply.trace.finish()
+    totals, elapsed_s = await collect_totals(stream, body.n, reply.trace)
     log.info("%s done in %.3f s: %d completion tokens, finish %s", reply.id, elapsed_s, totals.completion_tokens,
              totals.finish_reasons)
     answer = ChatCompletionResponse(

@@ -19,6 +19,8 @@ from trillm.http.schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogpro
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from trillm.http.metrics import RequestTrace
+    from trillm.http.streams import ChoiceStream
     from trillm.tokenizer import Tokenizer
 
 MASKED_LOGPROB = -9999.0
@@ -48,6 +50,23 @@ class ChoiceTotals:
     @property
     def completion_tokens(self) -> int:
         return sum(self.num_output_tokens)
+
+
+async def collect_totals(
+    stream: ChoiceStream, num_choices: int, trace: RequestTrace
+) -> tuple[ChoiceTotals, float]:
+    """A non-streamed response read whole: every choice's totals, and the seconds the request took.
+
+    Output tokens are counted on `trace` as they come, and the trace is finished even when reading fails.
+    """
+    totals = ChoiceTotals(num_choices)
+    try:
+        for index, output in await stream.collect():
+            totals.add(index, output)
+            trace.on_tokens(len(output.token_ids))
+    finally:
+        elapsed_s = trace.finish()
+    return totals, elapsed_s
 
 
 def _finite(logprob: float) -> float:

@@ -20,7 +20,7 @@ from quart import Blueprint, Response, request
 
 from trillm.actors.messages import CompletionOutput, FinishReason
 from trillm.errors import InvalidRequestError
-from trillm.http.choices import ChoiceTotals, completion_logprobs
+from trillm.http.choices import ChoiceTotals, collect_totals, completion_logprobs
 from trillm.http.errors import describe_exception
 from trillm.http.framing import SSE_DONE, sse_error, sse_event, streaming_response
 from trillm.http.metrics import RequestTrace
@@ -123,13 +123,7 @@ async def completions() -> Response:
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return await streaming_response(_events(stream, reply, include_usage), "text/event-stream")
-    try:
-        totals = ChoiceTotals(reply.num_choices)
-        for index, output in await stream.collect():
-            totals.add(index, output)
-            reply.trace.on_tokens(len(output.token_ids))
-    finally:
-        elapsed_s = reply.trace.finish()
+    totals, elapsed_s = await collect_totals(stream, reply.num_choices, reply.trace)
     log.info("%s done in %.3f s: %d completion tokens", reply.id, elapsed_s, totals.completion_tokens)
     choices = []
     for i in range(reply.num_choices):
