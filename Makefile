@@ -24,7 +24,7 @@ serve: $(STAMP)
 	$(VENV)/bin/trillm serve api_server $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m mypy trillm
+	$(PY) -m mypy trillm tests/http/http_fakes.py
 	TRILLM_KERNEL_EMULATOR=1 $(PY) -m pytest -q $(ARGS)
 
 bench-offline: $(STAMP)

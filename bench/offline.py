@@ -92,7 +92,7 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None
 async def _engine_batch(engine: Any, batch: int, prompt_len: int, output_len: int, vocab: int, seed: int) -> dict[str, Any]:
     import trio
 
-    from trillm.actors.messages import GenerateRequest, SamplingParams
+    from trillm.protocol.api import GenerateRequest, SamplingParams
 
     rng = random.Random(seed)
     ttfts: list[float] = []
@@ -201,7 +201,8 @@ class _BlockAllocator:
 def _prefill_plans(step_id: int, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]],
                    tables: Sequence[tuple[int, ...]], chunk: int) -> list[Any]:
     """Plans that prefill every prompt in chunks of at most `chunk` tokens per step, the last chunk sampled."""
-    from trillm.actors.messages import SampleSpec, SamplingParams, SeqStep, StepPlan
+    from trillm.protocol.api import SamplingParams
+    from trillm.protocol.step import SampleSpec, SeqStep, StepPlan
 
     greedy = SampleSpec(sampling=SamplingParams(temperature=0.0, seed=0), output_index=0)
     plans: list[Any] = []
@@ -246,7 +247,7 @@ class _DecodeBatch:
 
     def __init__(self, runner: Any, alloc: _BlockAllocator, rng: random.Random, *, batch: int, context: int,
                  max_steps: int, step_id: int, prefill_chunk: int) -> None:
-        from trillm.actors.messages import SamplingParams
+        from trillm.protocol.api import SamplingParams
 
         self.runner, self.rng, self.step_id = runner, rng, step_id
         self.greedy = SamplingParams(temperature=0.0, seed=0)
@@ -261,7 +262,7 @@ class _DecodeBatch:
 
     def next_plans(self, num_steps: int) -> list[Any]:
         """The next `num_steps` decode plans, built ahead (the Batcher builds them in another process)."""
-        from trillm.actors.messages import SampleSpec, SeqStep, StepPlan
+        from trillm.protocol.step import SampleSpec, SeqStep, StepPlan
 
         plans = []
         for _ in range(num_steps):

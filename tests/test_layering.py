@@ -1,18 +1,23 @@
-"""Layering: an ast scan of every trillm module's imports against STYLE.md's table ("the package is the room").
+"""Layering: an ast scan of every trillm module's imports against the rules of the tree (DESIGN.md, STYLE.md).
 
 Every `import` and `from ... import` counts, including those inside functions: a lazy import of torch in an actor
 still loads torch into the serving process. Relative imports are resolved to absolute names first.
 
-| modules                                   | may import                                                          |
-| ----------------------------------------- | ------------------------------------------------------------------- |
-| config.py, actors/messages.py             | stdlib, attrs                                                       |
-| actors/kv_blocks.py, actors/scheduler.py  | stdlib, attrs, messages, config (scheduler: kv_blocks)              |
-| other actors/                             | stdlib, attrs, trio, actors/, config, errors, tokenizer;            |
-|                                           | gpu.rank from gpu_worker.py only; models.loader from engine.py only |
-| gpu/, models/                             | anything but trio, quart, quart_trio, hypercorn, cattrs, http/,     |
-|                                           | and actors/ other than messages                                     |
-| http/                                     | anything but torch, cupy, gpu/, models/, and actors/ other than     |
-|                                           | engine and messages                                                 |
+The diagram the tree must be: http → actors → protocol ← gpu; policy pure (→ protocol); models below gpu.
+
+| rule                | modules            | may import                                                                |
+| ------------------- | ------------------ | ------------------------------------------------------------------------- |
+| config-is-a-leaf    | config.py          | stdlib, attrs                                                             |
+| protocol-at-bottom  | protocol/          | stdlib, attrs, protocol/                                                  |
+| policy-is-pure      | policy/            | stdlib, attrs, protocol/, policy/, config                                 |
+| actors-are-trio     | actors/            | stdlib, attrs, trio, actors/, protocol/, policy/, config, errors,         |
+|                     |                    | tokenizer; models.loader from engine.py only (model resolution)           |
+| compute-below       | gpu/, models/      | anything but trio, quart, quart_trio, hypercorn, cattrs, http/, actors/,  |
+|                     |                    | policy/                                                                   |
+| http-above          | http/              | anything but torch, cupy, gpu/, models/, policy/, and actors/ other than  |
+|                     |                    | engine (which only state.py opens)                                        |
+
+`test_no_package_cycles` checks the graph of trillm's subpackages has no cycle (the old actors ⇄ gpu one is gone).
 """
 
 from __future__ import annotations
@@ -26,17 +31,23 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "trillm"
 STDLIB = "<stdlib>"
 
-BASE_ACTOR_IMPORTS = {STDLIB, "attrs", "trio", "trillm.actors", "trillm.config", "trillm.errors", "trillm.tokenizer"}
+ACTOR_IMPORTS = {
+    STDLIB, "attrs", "trio", "trillm.actors", "trillm.protocol", "trillm.policy", "trillm.config", "trillm.errors",
+    "trillm.tokenizer",
+}
 ALLOWED: dict[str, set[str]] = {
     "config.py": {STDLIB, "attrs"},
-    "actors/messages.py": {STDLIB, "attrs"},
-    "actors/kv_blocks.py": {STDLIB, "attrs", "trillm.actors.messages", "trillm.config"},
-    "actors/scheduler.py": {STDLIB, "attrs", "trillm.actors.messages", "trillm.config", "trillm.actors.kv_blocks"},
-    "actors/gpu_worker.py": BASE_ACTOR_IMPORTS | {"trillm.gpu.rank"},
-    "actors/engine.py": BASE_ACTOR_IMPORTS | {"trillm.models.loader"},
+    "protocol/": {STDLIB, "attrs", "trillm.protocol"},
+    "policy/": {STDLIB, "attrs", "trillm.protocol", "trillm.policy", "trillm.config"},
+    "actors/engine.py": ACTOR_IMPORTS | {"trillm.models.loader"},
+    "actors/": ACTOR_IMPORTS,
 }
-COMPUTE_FORBIDDEN = {"trio", "quart", "quart_trio", "hypercorn", "cattrs", "trillm.http"}
-HTTP_FORBIDDEN = {"torch", "cupy", "trillm.gpu", "trillm.models"}
+FORBIDDEN: dict[str, set[str]] = {
+    "gpu/": {"trio", "quart", "quart_trio", "hypercorn", "cattrs", "trillm.http", "trillm.actors", "trillm.policy"},
+    "models/": {"trio", "quart", "quart_trio", "hypercorn", "cattrs", "trillm.http", "trillm.actors", "trillm.policy"},
+    "http/": {"torch", "cupy", "trillm.gpu", "trillm.models", "trillm.policy"},
+}
+HTTP_ACTOR_MODULES = ("trillm.actors.engine",)
 
 
 def module_name(path: Path) -> str:
@@ -77,29 +88,69 @@ def matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def is_other_actor_module(name: str, allowed: tuple[str, ...]) -> bool:
-    """An actors/ module other than `allowed` (the package itself, `trillm.actors`, is fine)."""
-    return matches(name, "trillm.actors") and name != "trillm.actors" and not any(matches(name, a) for a in allowed)
+def rule_for(relative: str, table: dict[str, set[str]]) -> set[str] | None:
+    """The table entry of a module: its own path first, else the longest folder prefix."""
+    if relative in table:
+        return table[relative]
+    folders = [key for key in table if key.endswith("/") and relative.startswith(key)]
+    return table[max(folders, key=len)] if folders else None
 
 
 def violations(relative: str, names: set[str]) -> list[str]:
     """The names among `names` that module `relative` (a path inside trillm/) may not import."""
-    if relative in ALLOWED or (relative.startswith("actors/") and relative != "actors/__init__.py"):
-        allowed = ALLOWED.get(relative, BASE_ACTOR_IMPORTS)
-        # `from trillm.actors import messages` also names the package trillm.actors: a package is fine when an
+    if relative.endswith("__init__.py"):
+        names = {n for n in names if n != module_name(PACKAGE / relative)}
+    allowed = rule_for(relative, ALLOWED)
+    if allowed is not None:
+        # `from trillm.protocol import api` also names the package trillm.protocol: a package is fine when an
         # allowed module lives under it.
         return sorted(n for n in names if not any(matches(n, p) or p.startswith(n + ".") for p in allowed))
-    if relative.startswith(("gpu/", "models/")):
-        return sorted(
-            n for n in names
-            if any(matches(n, p) for p in COMPUTE_FORBIDDEN) or is_other_actor_module(n, ("trillm.actors.messages",))
-        )
+    forbidden = rule_for(relative, FORBIDDEN) or set()
+    bad = {n for n in names if any(matches(n, p) for p in forbidden)}
     if relative.startswith("http/"):
-        allowed_actors = ("trillm.actors.engine", "trillm.actors.messages")
-        return sorted(
-            n for n in names if any(matches(n, p) for p in HTTP_FORBIDDEN) or is_other_actor_module(n, allowed_actors)
-        )
-    return []
+        bad |= {n for n in names if matches(n, "trillm.actors") and n != "trillm.actors"
+                and not any(matches(n, a) for a in HTTP_ACTOR_MODULES)}
+    return sorted(bad)
+
+
+def subpackage(name: str) -> str | None:
+    """`trillm.gpu.runner` → `gpu`; top-level modules (`trillm.config`) are their own node; None outside trillm."""
+    parts = name.split(".")
+    if parts[0] != "trillm" or len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Edges between trillm's subpackages (and top-level modules) from every import of every module."""
+    graph: dict[str, set[str]] = {}
+    for path in MODULES:
+        source = subpackage(module_name(path))
+        if source is None:
+            continue
+        targets = {subpackage(n) for n in file_imports(path)}
+        graph.setdefault(source, set()).update(t for t in targets if t is not None and t != source)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as a path [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        state[node] = 1
+        for child in sorted(graph.get(node, ())):
+            if state.get(child) == 1:
+                return stack[stack.index(child):] + [child] if child in stack else [node, child, node]
+            if child not in state and (cycle := visit(child, [*stack, child])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
 
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
@@ -116,20 +167,37 @@ def test_the_scan_resolves_relative_imports_and_sees_function_level_ones() -> No
     assert names == {"trillm.actors", "trillm.actors.scheduler", "trillm.gpu", "trillm.gpu.rank", "torch"}
 
 
-def test_the_rules_flag_what_the_table_forbids() -> None:
-    assert violations("actors/batcher.py", {"torch", "trillm.actors.scheduler"}) == ["torch"]
-    assert violations("actors/scheduler.py", {"trio", "trillm.actors.kv_blocks"}) == ["trio"]
-    assert violations("actors/batcher.py", {"trillm.gpu.rank", "trillm.models.loader"}) == [
-        "trillm.gpu.rank",
-        "trillm.models.loader",
+def test_no_package_cycles() -> None:
+    assert find_cycle(package_graph()) is None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle() -> None:
+    assert find_cycle({"actors": {"protocol", "gpu"}, "gpu": {"protocol", "actors"}, "protocol": set()}) == [
+        "actors", "gpu", "actors",
     ]
-    assert violations("actors/gpu_worker.py", {"trillm.gpu", "trillm.gpu.rank"}) == []
-    assert violations("gpu/runner.py", {"trio", "trillm.actors.messages", "trillm.actors.scheduler"}) == [
-        "trillm.actors.scheduler",
+    assert find_cycle({"http": {"actors"}, "actors": {"protocol"}, "gpu": {"protocol"}}) is None
+
+
+def test_the_rules_flag_what_the_table_forbids() -> None:
+    # actors: Trio code over protocol and policy, never torch or gpu/
+    assert violations("actors/batcher.py", {"torch", "trillm.policy.scheduler"}) == ["torch"]
+    assert violations("actors/gpu_worker.py", {"trillm.gpu", "trillm.gpu.rank"}) == ["trillm.gpu", "trillm.gpu.rank"]
+    assert violations("actors/batcher.py", {"trillm.models.loader"}) == ["trillm.models.loader"]
+    assert violations("actors/engine.py", {"trillm.models.loader"}) == []
+    # policy is pure; protocol is the bottom
+    assert violations("policy/scheduler.py", {"trio", "trillm.policy.kv_blocks"}) == ["trio"]
+    assert violations("policy/scheduler.py", {"trillm.actors.messages"}) == ["trillm.actors.messages"]
+    assert violations("protocol/step.py", {"trillm.config", "trillm.protocol.api"}) == ["trillm.config"]
+    # gpu never imports actors (the old package cycle) or policy
+    assert violations("gpu/runner.py", {"trio", "trillm.protocol.step", "trillm.actors.messages"}) == [
+        "trillm.actors.messages",
         "trio",
     ]
+    assert violations("gpu/rank.py", {"trillm.policy.scheduler"}) == ["trillm.policy.scheduler"]
+    # http never imports gpu or actors beyond the engine
     assert violations("http/app.py", {"torch", "trillm.actors.engine", "trillm.actors.batcher"}) == [
         "torch",
         "trillm.actors.batcher",
     ]
+    assert violations("http/state.py", {"trillm.gpu.rank", "trillm.protocol.api"}) == ["trillm.gpu.rank"]
     assert violations("config.py", {"trio", "os", "attrs"}) == ["trio"]

@@ -15,9 +15,10 @@ import socket
 import time
 
 from fakes import FakeRunner
-from trillm.actors.messages import RankFailed, RankReady, Shutdown, StepPlan
+from trillm.protocol.step import RankFailed, RankReady, Shutdown, StepPlan
 from trillm.config import RunnerConfig
 from trillm.gpu.rank import recv_message, send_message
+from trillm.protocol.wire import FrameDecoder
 
 NUM_BLOCKS = 64
 
@@ -38,9 +39,10 @@ def main(config: RunnerConfig, sock: socket.socket) -> None:
             vocab_size=runner.vocab_size,
         ),
     )
+    decoder = FrameDecoder()
     while True:
         try:
-            message = recv_message(sock)
+            message = recv_message(sock, decoder)
         except EOFError:
             os._exit(1)
         match message:

@@ -13,18 +13,11 @@ import trio.testing
 from fakes import FakeRunner
 from trillm.actors.batcher import BatcherActor
 from trillm.actors.gpu_worker import InProcessWorkerActor
-from trillm.actors.kv_blocks import BlockManager
-from trillm.actors.messages import (
-    BatcherInbox,
-    FinishReason,
-    ReleaseSession,
-    SamplingParams,
-    StepPlan,
-    StepResult,
-    Submit,
-    TokenEvent,
-)
-from trillm.actors.scheduler import Scheduler
+from trillm.policy.kv_blocks import BlockManager
+from trillm.protocol.api import FinishReason, SamplingParams
+from trillm.protocol.step import StepPlan, StepResult, TokenEvent
+from trillm.actors.messages import BatcherInbox, ReleaseSession, Submit
+from trillm.policy.scheduler import Scheduler
 from trillm.config import RunnerConfig
 
 pytestmark = pytest.mark.usefixtures("overlap")  # every test runs in lockstep and with step overlap

@@ -13,7 +13,8 @@ import trio.testing
 from fakes import EOS_ID, FakeRunner, FakeTokenizer, hash_next_token, reference_tokens
 from trillm.actors.engine import Engine
 from trillm.actors.gpu_worker import resolve_device, runner_configs
-from trillm.actors.messages import CompletionOutput, FinishReason, GenerateRequest, SampleSpec, SamplingParams
+from trillm.protocol.api import CompletionOutput, FinishReason, GenerateRequest, SamplingParams
+from trillm.protocol.step import SampleSpec
 from trillm.config import EngineConfig
 from trillm.errors import (
     ContextLengthExceededError,
@@ -213,7 +214,7 @@ async def test_requests_are_validated_before_anything_is_submitted() -> None:
     async with open_engine(num_blocks=8, block_size=4) as (engine, runner):
         with pytest.raises(ContextLengthExceededError, match="context length is 32 tokens, but the request has 32"):
             await collect(engine, request(range(32)))
-        with pytest.raises(InvalidRequestError, match="the prompt is empty"):
+        with pytest.raises(InvalidRequestError, match="prompt is empty: there is nothing to continue from"):
             await collect(engine, request(()))
         with pytest.raises(InvalidRequestError, match="n must be >= 1"):
             await collect(engine, request(PROMPT, n=0))

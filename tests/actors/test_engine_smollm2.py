@@ -15,7 +15,7 @@ import trio.testing
 from engine_thread import EngineThread
 from fakes import set_overlap_default
 from trillm.actors.engine import Engine
-from trillm.actors.messages import GenerateRequest, SamplingParams
+from trillm.protocol.api import GenerateRequest, SamplingParams
 from trillm.config import EngineConfig
 
 pytestmark = pytest.mark.slow

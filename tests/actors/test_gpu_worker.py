@@ -17,14 +17,8 @@ from trillm.actors import engine as engine_module
 from trillm.actors import gpu_worker
 from trillm.actors.engine import Engine
 from trillm.actors.gpu_worker import FrameReader, GPUWorkerActor, send_frame
-from trillm.actors.messages import (
-    GenerateRequest,
-    RankReady,
-    SamplingParams,
-    SeqStep,
-    StepPlan,
-    StepResult,
-)
+from trillm.protocol.api import GenerateRequest, SamplingParams
+from trillm.protocol.step import RankReady, SeqStep, StepPlan, StepResult
 from trillm.config import EngineConfig, RunnerConfig
 from trillm.errors import EngineDeadError
 
@@ -78,7 +72,7 @@ Started = tuple[GPUWorkerActor, RankReady, trio.MemorySendChannel[StepPlan], tri
 async def started_worker(behaviour: str) -> AsyncIterator[Started]:
     plans_send, plans_receive = trio.open_memory_channel[StepPlan](0)
     results_send, results_receive = trio.open_memory_channel[StepResult](0)
-    worker = GPUWorkerActor(config(behaviour), plans_receive, results_send, target=fake_rank.main)
+    worker = GPUWorkerActor(config(behaviour), plans_receive, results_send, target="fake_rank:main")
     async with trio.open_nursery() as nursery:
         ready = await nursery.start(worker.run)
         yield worker, ready, plans_send, results_receive
@@ -165,7 +159,7 @@ async def spawned_engine(behaviour: str, monkeypatch: pytest.MonkeyPatch, **fiel
     monkeypatch.setattr(engine_module, "_resolve_model", lambda spec, cache_dir: spec)
     config = EngineConfig(model=f"fake:{behaviour}", cache_block_seq_len=4, **fields)  # type: ignore[arg-type]
     tokenizer = FakeTokenizer()
-    async with Engine.open(config, tokenizer=tokenizer, rank_target=fake_rank.main) as engine:  # type: ignore[arg-type]
+    async with Engine.open(config, tokenizer=tokenizer, rank_target="fake_rank:main") as engine:  # type: ignore[arg-type]
         yield engine
 
 

@@ -12,7 +12,8 @@ import trio.testing
 
 from fakes import EOS_ID, FakeRunner, FakeTokenizer, hash_next_token, reference_tokens
 from trillm.actors.engine import Engine
-from trillm.actors.messages import CompletionOutput, FinishReason, GenerateRequest, SampleSpec, SamplingParams
+from trillm.protocol.api import CompletionOutput, FinishReason, GenerateRequest, InteractiveTurn, SamplingParams
+from trillm.protocol.step import SampleSpec
 from trillm.config import EngineConfig
 from trillm.errors import ContextLengthExceededError, SessionBusyError, SessionOccupiedError
 
@@ -36,11 +37,13 @@ def turn_context(  # type: ignore[no-untyped-def]
     engine: Engine, prompt: str, *, session_id: int = 1, interactive_mode: bool = True, max_tokens: int | None = 5
 ):
     return engine.interactive(
-        session_id=session_id,
-        prompt=prompt,
-        interactive_mode=interactive_mode,
-        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
-        request_id="turn",
+        InteractiveTurn(
+            request_id="turn",
+            session_id=session_id,
+            prompt=prompt,
+            interactive_mode=interactive_mode,
+            sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
+        )
     )
 
 

@@ -9,18 +9,11 @@ from typing import Any
 
 import pytest
 
-from trillm.actors.messages import (
-    RankFailed,
-    RankReady,
-    SampleSpec,
-    SamplingParams,
-    SeqStep,
-    Shutdown,
-    StepPlan,
-    StepResult,
-)
+from trillm.protocol.api import SamplingParams
+from trillm.protocol.step import RankFailed, RankReady, SampleSpec, SeqStep, Shutdown, StepPlan, StepResult
 from trillm.config import RunnerConfig
 from trillm.gpu.rank import rank_main, recv_message, send_message
+from trillm.protocol.wire import FrameDecoder
 
 TIMEOUT_S = 120.0
 GREEDY = SampleSpec(sampling=SamplingParams(temperature=0.0, logprobs=2), output_index=0)
@@ -51,6 +44,7 @@ class RankHandle:
 
     def __init__(self, config: RunnerConfig) -> None:
         self.sock, child = socket.socketpair()
+        self.decoder = FrameDecoder()
         self.sock.settimeout(TIMEOUT_S)
         self.process = multiprocessing.get_context("spawn").Process(target=rank_main, args=(config, child), daemon=True)
         self.process.start()
@@ -58,7 +52,7 @@ class RankHandle:
 
     def request(self, msg: Any) -> Any:
         send_message(self.sock, msg)
-        return recv_message(self.sock)
+        return recv_message(self.sock, self.decoder)
 
     def close(self) -> None:
         self.sock.close()
@@ -98,7 +92,7 @@ def _greedy_tokens(request: Any, num_tokens: int, logprobs: list[float] | None =
 @pytest.mark.slow
 def test_rank_answers_ready_then_steps_then_exits_zero(ranks: list[RankHandle]) -> None:
     ranks.append(RankHandle(_config()))
-    ready = recv_message(ranks[0].sock)
+    ready = recv_message(ranks[0].sock, ranks[0].decoder)
     assert isinstance(ready, RankReady)
     assert (ready.rank, ready.max_model_len, ready.vocab_size, ready.layout.num_blocks) == (0, 64, 512, 16)
     assert len(_greedy_tokens(ranks[0].request, 3)) == 3
@@ -110,7 +104,7 @@ def test_rank_answers_ready_then_steps_then_exits_zero(ranks: list[RankHandle]) 
 @pytest.mark.slow
 def test_bad_model_path_reports_rank_failed_and_exits_one(ranks: list[RankHandle], tmp_path: Any) -> None:
     ranks.append(RankHandle(_config(model_path=str(tmp_path))))
-    failed = recv_message(ranks[0].sock)
+    failed = recv_message(ranks[0].sock, ranks[0].decoder)
     assert isinstance(failed, RankFailed)
     assert failed.message == f"ModelLoadError: {tmp_path} has no config.json (found: nothing)"
     assert "Traceback" in failed.traceback
@@ -135,13 +129,13 @@ def test_tensor_parallel_3_over_gloo_matches_one_rank(ranks: list[RankHandle]) -
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ranks.extend(RankHandle(_config(rank=r, world_size=3, dist_init_method=init_method)) for r in range(3))
     for r, handle in enumerate(ranks):
-        ready = recv_message(handle.sock)
+        ready = recv_message(handle.sock, handle.decoder)
         assert isinstance(ready, RankReady) and ready.rank == r and ready.layout.num_kv_heads == 2
 
     def request_all(plan: StepPlan) -> StepResult:
         for handle in ranks:
             send_message(handle.sock, plan)
-        results = [recv_message(handle.sock) for handle in ranks]
+        results = [recv_message(handle.sock, handle.decoder) for handle in ranks]
         assert [r.sampled for r in results[1:]] == [(), ()]  # other ranks only acknowledge
         return results[0]
 

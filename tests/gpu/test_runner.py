@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_rank import _config  # the rank tests' tiny CPU RunnerConfig (pytest puts tests/gpu on sys.path)
 
-from trillm.actors.messages import PREVIOUS_TOKEN, RankReady, SampleSpec, SamplingParams, SeqStep, Shutdown, StepPlan
+from trillm.protocol.api import SamplingParams
+from trillm.protocol.step import PREVIOUS_TOKEN, RankReady, SampleSpec, SeqStep, Shutdown, StepPlan
 from trillm.errors import ModelLoadError
 from trillm.gpu.rank import recv_message, send_message
 from trillm.gpu.runner import ModelRunner, plan_num_blocks
@@ -230,7 +231,7 @@ def test_tensor_parallel_3_ranks_substitute_placeholders_identically() -> None:
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ranks = [RankHandle(_config(rank=r, world_size=3, dist_init_method=init_method)) for r in range(3)]
     try:
-        assert all(isinstance(recv_message(handle.sock), RankReady) for handle in ranks)
+        assert all(isinstance(recv_message(handle.sock, handle.decoder), RankReady) for handle in ranks)
         tokens = []
         plans = _overlapped_plans(5)
         for handle in ranks:  # both plans in each rank's socket before any reply: the overlapped pipeline
@@ -238,10 +239,10 @@ def test_tensor_parallel_3_ranks_substitute_placeholders_identically() -> None:
         for plan in plans[1:]:
             for handle in ranks:
                 send_message(handle.sock, plan)
-            replies = [recv_message(handle.sock) for handle in ranks]
+            replies = [recv_message(handle.sock, handle.decoder) for handle in ranks]
             assert [r.sampled for r in replies[1:]] == [(), ()]
             tokens.append(replies[0].sampled[0].token_id)
-        replies = [recv_message(handle.sock) for handle in ranks]
+        replies = [recv_message(handle.sock, handle.decoder) for handle in ranks]
         tokens.append(replies[0].sampled[0].token_id)
         assert tokens == explicit
         for handle in ranks:

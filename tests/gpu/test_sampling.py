@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trillm.actors.messages import SampleSpec, SamplingParams
+from trillm.protocol.api import SamplingParams
+from trillm.protocol.step import SampleSpec
 from trillm.gpu.sampling import sample
 
 VOCAB = 32

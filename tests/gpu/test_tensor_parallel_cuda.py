@@ -29,7 +29,7 @@ def greedy_runs(
     import trio
 
     from trillm.actors.engine import Engine
-    from trillm.actors.messages import GenerateRequest, SamplingParams
+    from trillm.protocol.api import GenerateRequest, SamplingParams
     from trillm.config import EngineConfig
 
     config = EngineConfig(model="random:tiny-gpu", tp=tp, dtype=dtype, device="cuda", session_len=512,

@@ -18,7 +18,17 @@ from typing import Any
 import attrs
 import trio
 
-from trillm.actors.messages import CompletionOutput, FinishReason, GenerateRequest, SamplingParams, TokenLogprob
+from trillm.protocol.api import (
+    CompletionOutput,
+    EngineClient,
+    EngineStats,
+    FinishReason,
+    GenerateRequest,
+    InteractiveTurn,
+    OutputStream,
+    SamplingParams,
+    TokenLogprob,
+)
 from trillm.errors import (
     ContextLengthExceededError,
     EngineDeadError,
@@ -87,23 +97,6 @@ class FakeTokenizer:
         return SPECIALS[token_id].encode() if token_id < len(SPECIALS) else bytes([token_id - len(SPECIALS)])
 
 
-@attrs.frozen(kw_only=True)
-class FakeStats:
-    """Same fields as the Engine's EngineStats."""
-
-    num_running: int
-    num_waiting: int
-    num_sessions: int
-    kv_usage: float
-    num_free_blocks: int
-    num_total_blocks: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    computed_prompt_tokens_total: int
-    num_preemptions: int
-    steps: int
-
-
 @attrs.define
 class _Session:
     history: list[int] = attrs.field(factory=list)
@@ -148,15 +141,17 @@ class FakeEngine:
 
     # -------------------------------------------------------------------------------------------- public API
 
-    def statistics(self) -> FakeStats:
+    def statistics(self) -> EngineStats:
         used = sum(self._running_blocks.values()) + sum(
             -(-len(s.history) // BLOCK_SIZE) for s in self.sessions.values())
-        return FakeStats(
+        return EngineStats(
             num_running=len(self._running_blocks), num_waiting=0, num_sessions=len(self.sessions),
             kv_usage=used / self.num_total_blocks, num_free_blocks=self.num_total_blocks - used,
             num_total_blocks=self.num_total_blocks, prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generation_tokens,
-            computed_prompt_tokens_total=self._computed_prompt_tokens, num_preemptions=0, steps=self._steps,
+            computed_prompt_tokens_total=self._computed_prompt_tokens,
+            cached_prompt_tokens_total=self._prompt_tokens - self._computed_prompt_tokens, num_preemptions=0,
+            steps=self._steps,
         )
 
     def drain(self) -> None:
@@ -170,21 +165,21 @@ class FakeEngine:
         self._next_session_id += 1
         return self._next_session_id
 
-    def generate(self, request: GenerateRequest) -> Any:
-        self._admit_check(len(request.prompt_token_ids))
+    def generate(self, request: GenerateRequest) -> OutputStream:
+        self._admit_check(len(request.prompt_token_ids), request.prompt_field)
         if request.session_id is not None and self.sessions.get(request.session_id, _Session()).history:
             raise SessionOccupiedError(request.session_id)
         return self._run(request.request_id, request.prompt_token_ids, request.sampling, request.n, request.stop,
                          num_history_tokens=0)
 
-    def interactive(self, *, session_id: int, prompt: str | list[dict[str, Any]], interactive_mode: bool,
-                    sampling: SamplingParams, stop: tuple[str, ...] = (), skip_special_tokens: bool = True,
-                    request_id: str) -> Any:
-        self._admit_check(0)
+    def interactive(self, turn: InteractiveTurn) -> OutputStream:
+        session_id, prompt, interactive_mode = turn.session_id, turn.prompt, turn.interactive_mode
+        sampling, stop, request_id = turn.sampling, turn.stop, turn.request_id
+        self._admit_check(1)
         session = self.sessions.setdefault(session_id, _Session())
         if session.is_busy:
             raise SessionBusyError(session_id)
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         if session.history:
             new_ids = self.tokenizer.encode(self.tokenizer.render_session_turn(
                 [], messages, last_output_ids=session.history[-1:]))
@@ -210,13 +205,15 @@ class FakeEngine:
 
     # -------------------------------------------------------------------------------------------- internals
 
-    def _admit_check(self, num_prompt_tokens: int) -> None:
+    def _admit_check(self, num_prompt_tokens: int, prompt_field: str = "prompt") -> None:
         if not self.is_alive:
             raise EngineDeadError(self.failure or "dead")
         if self.is_draining:
             raise EngineDrainingError("draining")
+        if num_prompt_tokens == 0:
+            raise InvalidRequestError(f"{prompt_field} is empty: there is nothing to continue from", param=prompt_field)
         if num_prompt_tokens >= self.max_model_len:
-            raise ContextLengthExceededError(num_prompt_tokens, self.max_model_len)
+            raise ContextLengthExceededError(num_prompt_tokens, self.max_model_len, param=prompt_field)
 
     def _script(self, sampling: SamplingParams, index: int) -> list[int]:
         text = SCRIPT
@@ -298,7 +295,7 @@ class FakeEngine:
                 if token_id >= len(SPECIALS):
                     choice.text += choice.decoder.decode(bytes([token_id - len(SPECIALS)]))
                 self._apply_stops(choice)
-                logprobs = ()
+                logprobs: tuple[TokenLogprob, ...] = ()
                 if sampling.logprobs is not None:
                     top = tuple((t % self.tokenizer.vocab_size, -0.25 - i)
                                 for i, t in enumerate(range(token_id, token_id + max(sampling.logprobs, 1))))
@@ -321,3 +318,7 @@ class FakeEngine:
         return CompletionOutput(index=choice.index, text=text, token_ids=token_ids, logprobs=logprobs,
                                 finish_reason=choice.finish_reason, num_prompt_tokens=len(prompt),
                                 num_output_tokens=choice.num_output_tokens, num_history_tokens=num_history_tokens)
+
+
+def _satisfies_engine_client(engine: FakeEngine) -> EngineClient:
+    return engine  # mypy (make test) checks that the fake has the real seam's shape

@@ -15,7 +15,7 @@ import openai
 import pytest
 from http_live import LiveServer
 
-from trillm.actors.messages import GenerateRequest, SamplingParams
+from trillm.protocol.api import GenerateRequest, SamplingParams
 from trillm.config import EngineConfig, ServerConfig
 from trillm.http.app import create_app
 

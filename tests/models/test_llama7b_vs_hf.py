@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import torch
 
-from trillm.actors.messages import SampleSpec, SamplingParams, SeqStep, StepPlan
+from trillm.protocol.api import SamplingParams
+from trillm.protocol.step import SampleSpec, SeqStep, StepPlan
 from trillm.config import RunnerConfig
 from trillm.gpu.runner import RANDOM_SEED, ModelRunner
 from trillm.models.llama import checkpoint_shapes

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from trillm.actors.messages import SampleSpec, SamplingParams, SeqStep, StepPlan
+from trillm.protocol.api import SamplingParams
+from trillm.protocol.step import SampleSpec, SeqStep, StepPlan
 from trillm.config import RunnerConfig
 from trillm.gpu.runner import ModelRunner
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trillm.actors.engine import Engine
-from trillm.actors.messages import GenerateRequest, SamplingParams
+from trillm.protocol.api import GenerateRequest, SamplingParams
 from trillm.config import EngineConfig
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
-"""Actors: the Trio side of the engine (sessions, batching, GPU workers) and the messages they pass.
+"""Actors: the Trio code of the serving process — the actors, the Engine front door and the request streams.
 
-No re-exports here on purpose: rank processes import `trillm.actors.messages` as plain data, and re-exporting the
-Engine from this `__init__` would make every such import load Trio (absent on the GPU machines) and the whole actor
-stack. Import from the modules: `trillm.actors.engine.Engine`, `trillm.actors.messages.*`.
+Every class named `*Actor` owns a loop (or, for `SessionActor`, the turn-taking of one session). What they pass to
+policy/ and gpu/ is the vocabulary of `trillm.protocol`; only the Batcher's inbox commands (`messages.py`, which carry
+Trio channels) live here. No re-exports: import from the modules (`trillm.actors.engine.Engine`).
 """

@@ -30,16 +30,9 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from trillm.actors.messages import (
-    Abort,
-    BatcherInbox,
-    ReleaseSession,
-    StepPlan,
-    StepResult,
-    Submit,
-    TokenEvent,
-)
-from trillm.actors.scheduler import Scheduler, SchedulerStats
+from trillm.protocol.step import StepPlan, StepResult, TokenEvent
+from trillm.actors.messages import Abort, BatcherInbox, ReleaseSession, Submit
+from trillm.policy.scheduler import Scheduler, SchedulerStats
 from trillm.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
@@ -152,7 +145,7 @@ class BatcherActor:
     def _handle(self, message: BatcherInbox) -> None:
         match message:
             case Submit():
-                self._events[message.seq_id] = message.events  # type: ignore[assignment]
+                self._events[message.seq_id] = message.events
                 event = self._scheduler.add(
                     message.seq_id,
                     message.prompt_token_ids,

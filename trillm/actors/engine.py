@@ -35,26 +35,15 @@ from trillm.actors.batcher import BatcherActor
 from trillm.actors.gpu_worker import (
     GPUWorkerActor,
     InProcessWorkerActor,
-    RankTarget,
-    StepRunner,
     resolve_device,
     runner_configs,
 )
-from trillm.actors.kv_blocks import BlockManager
-from trillm.actors.messages import (
-    BatcherInbox,
-    CompletionOutput,
-    GenerateRequest,
-    RankReady,
-    ReleaseSession,
-    SamplingParams,
-    StepPlan,
-    StepResult,
-    Submit,
-    TokenEvent,
-)
+from trillm.policy.kv_blocks import BlockManager
+from trillm.protocol.api import CompletionOutput, EngineStats, GenerateRequest, InteractiveTurn
+from trillm.protocol.step import RankReady, StepPlan, StepResult, StepRunner, TokenEvent
+from trillm.actors.messages import BatcherInbox, ReleaseSession, Submit
 from trillm.actors.request_stream import Choice, RequestStream
-from trillm.actors.scheduler import Scheduler
+from trillm.policy.scheduler import Scheduler
 from trillm.actors.session import SessionActor
 from trillm.config import DEFAULT_MODEL, RANDOM_MODEL_PREFIX, EngineConfig, RunnerConfig
 from trillm.errors import (
@@ -75,24 +64,6 @@ SHUTDOWN_TIMEOUT_S = 30.0  # how long leaving `open` waits for the actors and ra
 FIRST_SESSION_ID = 1 << 31  # ids `new_session_id` hands out, above those clients usually pick themselves
 SEED_RANGE = 1 << 31
 RunnerFactory = Callable[[RunnerConfig], StepRunner]
-
-
-@attrs.frozen(kw_only=True)
-class EngineStats:
-    """Engine.statistics(): queue sizes, KV usage and cumulative token counters."""
-
-    num_running: int
-    num_waiting: int
-    num_sessions: int
-    kv_usage: float  # 0-1: used blocks (running and parked sessions) / total
-    num_free_blocks: int
-    num_total_blocks: int
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    computed_prompt_tokens_total: int  # prompt tokens actually prefilled (not reused from parked or cached KV)
-    cached_prompt_tokens_total: int
-    num_preemptions: int
-    steps: int
 
 
 def _sole_exception(exc: BaseException) -> BaseException:
@@ -153,7 +124,7 @@ class Engine:
         *,
         runner_factory: RunnerFactory | None = None,
         tokenizer: Tokenizer | None = None,
-        rank_target: RankTarget | None = None,
+        rank_target: str | None = None,
         use_threads: bool = True,
     ) -> AsyncIterator[Engine]:
         """Start an engine for `config`; it shuts down when the context is left.
@@ -163,7 +134,8 @@ class Engine:
                 (tests: a fake runner; `use_threads=False` then steps it inline on the event loop).
             tokenizer: use this tokenizer instead of loading the model's (with a runner_factory, the model is
                 then not resolved at all).
-            rank_target: the rank process entry point (tests: a stand-in that speaks the rank protocol).
+            rank_target: "module:function" run as the rank process instead of its own (tests: a stand-in that speaks
+                the rank protocol).
 
         Raises:
             ModelLoadError: the model cannot be resolved.
@@ -201,7 +173,7 @@ class Engine:
         self,
         configs: Sequence[RunnerConfig],
         runner_factory: RunnerFactory | None,
-        rank_target: RankTarget | None,
+        rank_target: str | None,
         use_threads: bool,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -319,21 +291,38 @@ class Engine:
         async with self._open_request(request) as stream:
             yield stream
 
-    @asynccontextmanager
-    async def _open_request(
-        self, request: GenerateRequest, *, num_history_tokens: int = 0
-    ) -> AsyncIterator[RequestStream]:
-        """Submit a request's sequences; yields their RequestStream and aborts what is unfinished on exit."""
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
+    def _admit(self, request: GenerateRequest, *, hint: str = "") -> int:
+        """The one admission check of every request (HTTP checks JSON shape only; lower layers assert).
+
+        Returns the sequence's token budget: `max_tokens` capped at the room the window leaves (resolved once, here).
+
+        Raises:
+            InvalidRequestError: an empty prompt, or n < 1.
+            ContextLengthExceededError: the prompt leaves no room to generate (`hint` is appended to the message).
+        """
+        num_prompt_tokens = len(request.prompt_token_ids)
+        if num_prompt_tokens == 0:
+            raise InvalidRequestError(
+                f"{request.prompt_field} is empty: there is nothing to continue from", param=request.prompt_field
+            )
         if request.n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {request.n}", param="n")
-        if len(prompt) >= self.max_model_len:
-            raise ContextLengthExceededError(len(prompt), self.max_model_len)
-        room = self.max_model_len - len(prompt)
+        if num_prompt_tokens >= self.max_model_len:
+            raise ContextLengthExceededError(
+                num_prompt_tokens, self.max_model_len, param=request.prompt_field, hint=hint
+            )
+        room = self.max_model_len - num_prompt_tokens
+        max_tokens = request.sampling.max_tokens
+        return room if max_tokens is None else min(max_tokens, room)
+
+    @asynccontextmanager
+    async def _open_request(
+        self, request: GenerateRequest, *, num_history_tokens: int = 0, hint: str = ""
+    ) -> AsyncIterator[RequestStream]:
+        """Submit a request's sequences; yields their RequestStream and aborts what is unfinished on exit."""
+        max_new_tokens = self._admit(request, hint=hint)
+        prompt = request.prompt_token_ids
         sampling = request.sampling
-        max_new_tokens = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
         seed = sampling.seed if sampling.seed is not None else self._seeds.randrange(SEED_RANGE)
         send, receive = trio.open_memory_channel[TokenEvent](request.n * (max_new_tokens + EVENT_SLACK))
         seq_ids = [next(self._seq_ids) for _ in range(request.n)]
@@ -394,18 +383,8 @@ class Engine:
     # -- sessions ----------------------------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def interactive(
-        self,
-        *,
-        session_id: int,
-        prompt: str | list[dict[str, Any]],
-        interactive_mode: bool,
-        sampling: SamplingParams,
-        stop: tuple[str, ...] = (),
-        skip_special_tokens: bool = True,
-        request_id: str,
-    ) -> AsyncIterator[AsyncIterator[CompletionOutput]]:
-        """One turn of session `session_id` (created on its first turn); outputs carry num_history_tokens.
+    async def interactive(self, turn: InteractiveTurn) -> AsyncIterator[AsyncIterator[CompletionOutput]]:
+        """One turn of session `turn.session_id` (created on its first turn); outputs carry num_history_tokens.
 
         Raises:
             SessionBusyError: the session's previous turn is still running (409).
@@ -413,26 +392,18 @@ class Engine:
             InvalidRequestError, EngineDeadError, EngineDrainingError: as for `generate`.
         """
         self._check_accepting()
-        session = self._sessions.get(session_id)
+        session = self._sessions.get(turn.session_id)
         if session is None:
             session = SessionActor(
-                session_id,
+                turn.session_id,
                 tokenizer=self.tokenizer,
-                max_model_len=self.max_model_len,
                 open_request=self._open_request,
                 send_control=self._send,
                 on_end=self._forget_session,
             )
-            self._sessions[session_id] = session
+            self._sessions[turn.session_id] = session
         try:
-            async with session.turn(
-                prompt=prompt,
-                interactive_mode=interactive_mode,
-                sampling=sampling,
-                stop=stop,
-                skip_special_tokens=skip_special_tokens,
-                request_id=request_id,
-            ) as outputs:
+            async with session.turn(turn) as outputs:
                 yield outputs
         finally:
             if not session.has_history and not session.is_busy:

@@ -1,15 +1,15 @@
 """GPUWorkerActor: the one owner of the pipe to one tensor-parallel rank process.
 
-The serving process reaches GPU code only here. Each worker spawns its rank (`trillm.gpu.rank.rank_main`, or a test's
-stand-in with the same signature) as `python -m trillm.gpu.rank --fd N` over a `socket.socketpair()` — a plain
-subprocess, so daemonic hosts such as hypercorn's CLI workers can start it too — sends it its RunnerConfig, waits for
+The serving process reaches GPU code only here, and only by module name: it imports nothing from `trillm.gpu`. Each
+worker spawns its rank as `python -m trillm.gpu.rank --fd N` (with `--target module:function`, a test's stand-in that
+speaks the same protocol) over a `socket.socketpair()` — a plain subprocess, so daemonic hosts such as hypercorn's
+CLI workers can start it too — sends it its RunnerConfig, waits for
 its `RankReady`, then serves the Batcher's StepPlans in order: one task forwards each plan to the rank as soon as the
 Batcher sends it (with step overlap the next plan is already in the rank's socket while it runs the current one),
 another reads the replies in order and passes them on. One task writes and one reads the pipe, and replies are matched
 to plans by order and step id, so a reply can never go to the wrong waiter (STACK.md).
 
-Wire format, both ways (the same as `gpu/rank.py`'s blocking helpers): an 8-byte little-endian unsigned length, then
-`pickle.dumps(message, protocol=5)`.
+Wire format, both ways: `trillm.protocol.wire`, the one framing both ends use.
 
 Supervision. The worker raises `EngineDeadError` when the rank reports `RankFailed`, closes its socket, or exits —
 a watcher task waits on the process's pidfd, so a rank that dies while the engine is idle is noticed at once. The
@@ -32,29 +32,26 @@ import ctypes
 import logging
 import math
 import os
-import pickle
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-from trillm.actors.messages import KVCacheLayout, RankFailed, RankReady, Shutdown, StepPlan, StepResult
+from trillm.protocol.step import KVCacheLayout, RankFailed, RankReady, Shutdown, StepPlan, StepResult, StepRunner
 from trillm.config import EngineConfig, RunnerConfig
+from trillm.protocol.wire import READ_CHUNK_BYTES, FrameDecoder, encode_frame
 from trillm.errors import EngineDeadError
-from trillm.gpu.rank import rank_main
 
 log = logging.getLogger(__name__)
 
-_LENGTH = struct.Struct("<Q")
 SHUTDOWN_GRACE_S = 10.0  # how long a rank may take to exit after Shutdown before it is killed
 EXIT_CODE_WAIT_S = 2.0  # how long to wait for a rank whose socket closed to exit, to report its exit code
 EXIT_POLL_S = 0.01
 UNBOUNDED_MODEL_LEN = 1 << 30  # no --session-len: the rank caps the window at the model's max positions
-RankTarget = Callable[[RunnerConfig, socket.socket], None]
+RANK_MODULE = "trillm.gpu.rank"  # started as `python -m RANK_MODULE`; never imported here
 
 
 def cuda_device_count() -> int:
@@ -108,41 +105,25 @@ def runner_configs(config: EngineConfig, model_path: str, device: str) -> list[R
     ]
 
 
-class StepRunner(Protocol):
-    """What an in-process worker drives: ModelRunner's interface (fakes implement it too)."""
-
-    @property
-    def layout(self) -> KVCacheLayout: ...
-
-    def step(self, plan: StepPlan) -> StepResult: ...
-
-
 async def send_frame(stream: trio.abc.SendStream, message: Any) -> None:
-    """Write one length-prefixed pickled message."""
-    payload = pickle.dumps(message, protocol=5)
-    await stream.send_all(_LENGTH.pack(len(payload)) + payload)
+    """Write one frame (`protocol/wire.py`)."""
+    await stream.send_all(encode_frame(message))
 
 
 class FrameReader:
-    """Reads length-prefixed pickled messages from a stream; `receive` raises EOFError once the peer has closed."""
+    """Reads frames from a Trio stream through a `FrameDecoder`; `receive` raises EOFError once the peer has closed."""
 
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self._stream = stream
-        self._buffer = bytearray()
+        self._decoder = FrameDecoder()
 
     async def receive(self) -> Any:
-        (length,) = _LENGTH.unpack(await self._read_exactly(_LENGTH.size))
-        return pickle.loads(await self._read_exactly(length))
-
-    async def _read_exactly(self, num_bytes: int) -> bytes:
-        while len(self._buffer) < num_bytes:
-            chunk = await self._stream.receive_some(max(1 << 16, num_bytes - len(self._buffer)))
+        while (message := self._decoder.next_message()) is None:
+            chunk = await self._stream.receive_some(max(READ_CHUNK_BYTES, self._decoder.num_missing_bytes))
             if not chunk:
-                raise EOFError(f"stream closed with {len(self._buffer)} of {num_bytes} bytes read")
-            self._buffer += chunk
-        data = bytes(self._buffer[:num_bytes])
-        del self._buffer[:num_bytes]
-        return data
+                raise EOFError("the rank's socket closed")
+            self._decoder.feed(chunk)
+        return message
 
 
 class GPUWorkerActor:
@@ -154,13 +135,13 @@ class GPUWorkerActor:
         plans: trio.MemoryReceiveChannel[StepPlan],
         results: trio.MemorySendChannel[StepResult],
         *,
-        target: RankTarget | None = None,  # default: trillm.gpu.rank.rank_main
+        target: str | None = None,  # "module:function" run instead of the rank's own entry point (tests)
     ) -> None:
         self.rank = config.rank
         self._config = config
         self._plans = plans
         self._results = results
-        self._target = target or rank_main
+        self._target = target
         self._process: subprocess.Popen[bytes] | None = None
         self._num_steps = 0
         self._num_outstanding = 0  # plans sent to the rank whose reply is not read yet
@@ -199,9 +180,9 @@ class GPUWorkerActor:
     def _spawn(self, child_socket: socket.socket) -> subprocess.Popen[bytes]:
         """Start `python -m trillm.gpu.rank` with `child_socket` inherited; it sees this process's import path."""
         fd = child_socket.fileno()
-        command = [sys.executable, "-m", "trillm.gpu.rank", "--fd", str(fd)]
-        if self._target is not rank_main:
-            command += ["--target", f"{self._target.__module__}:{self._target.__qualname__}"]
+        command = [sys.executable, "-m", RANK_MODULE, "--fd", str(fd)]
+        if self._target is not None:
+            command += ["--target", self._target]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
         return subprocess.Popen(command, pass_fds=(fd,), env=env)
 

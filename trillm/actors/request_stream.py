@@ -16,7 +16,9 @@ from typing import Any
 import attrs
 import trio
 
-from trillm.actors.messages import Abort, BatcherInbox, CompletionOutput, FinishReason, TokenEvent
+from trillm.protocol.api import CompletionOutput, FinishReason
+from trillm.protocol.step import TokenEvent
+from trillm.actors.messages import Abort, BatcherInbox
 from trillm.errors import EngineDeadError
 from trillm.tokenizer import IncrementalDetokenizer, StopStringMatcher
 

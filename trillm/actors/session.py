@@ -30,8 +30,9 @@ from typing import Any, Protocol
 
 import trio
 
-from trillm.actors.messages import CompletionOutput, GenerateRequest, ReleaseSession, SamplingParams
-from trillm.errors import ContextLengthExceededError, EngineDeadError, SessionBusyError
+from trillm.protocol.api import CompletionOutput, GenerateRequest, InteractiveTurn
+from trillm.actors.messages import ReleaseSession
+from trillm.errors import EngineDeadError, SessionBusyError
 from trillm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class TurnStream(Protocol):
     async def abort(self) -> None: ...
 
 
-OpenRequest = Callable[..., AbstractAsyncContextManager[TurnStream]]  # (request, *, num_history_tokens=...)
+OpenRequest = Callable[..., AbstractAsyncContextManager[TurnStream]]  # (request, *, num_history_tokens, hint)
 SendControl = Callable[[ReleaseSession], Awaitable[None]]
 
 
@@ -80,14 +81,12 @@ class SessionActor:
         session_id: int,
         *,
         tokenizer: Tokenizer,
-        max_model_len: int,
         open_request: OpenRequest,
         send_control: SendControl,
         on_end: Callable[[SessionActor], None],
     ) -> None:
         self.session_id = session_id
         self._tokenizer = tokenizer
-        self._max_model_len = max_model_len
         self._open_request = open_request
         self._send_control = send_control
         self._on_end = on_end
@@ -111,16 +110,7 @@ class SessionActor:
         return bool(self._token_ids)
 
     @asynccontextmanager
-    async def turn(
-        self,
-        *,
-        prompt: str | list[dict[str, Any]],
-        interactive_mode: bool,
-        sampling: SamplingParams,
-        stop: tuple[str, ...] = (),
-        skip_special_tokens: bool = True,
-        request_id: str,
-    ) -> AsyncIterator[AsyncIterator[CompletionOutput]]:
+    async def turn(self, turn: InteractiveTurn) -> AsyncIterator[AsyncIterator[CompletionOutput]]:
         """Run one turn; yields its outputs (num_history_tokens set) and records the history when it ends.
 
         Raises:
@@ -128,28 +118,31 @@ class SessionActor:
             ContextLengthExceededError: history + the new prompt leave no room in the window.
             InvalidRequestError: the messages or the chat template reject this turn.
         """
+        assert turn.session_id == self.session_id
         if self._is_busy:
             raise SessionBusyError(self.session_id)
-        new_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        prompt = turn.prompt
+        new_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
         new_ids = self._encode_turn(new_messages)
         prompt_ids = (*self._token_ids, *new_ids)
-        if len(prompt_ids) >= self._max_model_len:
-            raise ContextLengthExceededError(
-                len(prompt_ids), self._max_model_len, param="prompt", hint=FULL_SESSION_HINT
-            )
+        interactive_mode = turn.interactive_mode
         request = GenerateRequest(
-            request_id=request_id,
+            request_id=turn.request_id,
             prompt_token_ids=prompt_ids,
-            sampling=sampling,
-            stop=stop,
-            skip_special_tokens=skip_special_tokens,
+            sampling=turn.sampling,
+            stop=turn.stop,
+            skip_special_tokens=turn.skip_special_tokens,
+            spaces_between_special_tokens=turn.spaces_between_special_tokens,
             session_id=self.session_id,
             keep_kv=interactive_mode,
         )
         self._is_busy = True  # from here until the finally below, a second turn is refused
         recorder: _RecordingStream | None = None
         try:
-            async with self._open_request(request, num_history_tokens=len(self._token_ids)) as stream:
+            # The Engine's admission check refuses a turn that leaves no room, with a hint to end the session.
+            async with self._open_request(
+                request, num_history_tokens=len(self._token_ids), hint=FULL_SESSION_HINT
+            ) as stream:
                 # The Submit reached the Batcher during that await; `end` may have run meanwhile.
                 self._stream = stream
                 recorder = _RecordingStream(stream)
@@ -159,7 +152,9 @@ class SessionActor:
         finally:
             self._stream = None
             self._is_busy = False
-            if self._is_ended or not interactive_mode:
+            if recorder is None and not self._is_ended:
+                pass  # refused at admission (e.g. too long): the session stays as it was
+            elif self._is_ended or not interactive_mode:
                 await self._release()
                 self._forget()
             elif recorder is not None:

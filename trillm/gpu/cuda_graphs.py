@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from trillm.actors.messages import SeqStep
+from trillm.protocol.step import SeqStep
 from trillm.models.llama import AttnMeta
 
 log = logging.getLogger(__name__)

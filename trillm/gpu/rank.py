@@ -5,7 +5,7 @@ Runs outside the event loop, in its own process, one per tensor-parallel rank: `
 `RunnerConfig` as the first frame, and owns the other end from then on. A plain subprocess (not multiprocessing)
 works from daemonic processes too, such as hypercorn's CLI workers, and never re-imports the parent's `__main__`.
 
-Wire format, both ways: an 8-byte little-endian unsigned length, then `pickle.dumps(message, protocol=5)`.
+Wire format, both ways: `trillm.protocol.wire`, the framing the serving process's GPUWorkerActor uses too.
 
 Protocol: the rank first sends `RankReady` (or `RankFailed` and exits 1), then loops: `StepPlan` → `StepResult`
 (rank 0 with the samples, other ranks an empty acknowledgement), `Shutdown` → close and exit 0. Any exception →
@@ -19,46 +19,33 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import socket
-import struct
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from importlib import import_module
 from typing import Any
 
-from trillm.actors.messages import RankFailed, RankReady, Shutdown, StepPlan
+from trillm.protocol.step import RankFailed, RankReady, Shutdown, StepPlan
 from trillm.config import RunnerConfig
+from trillm.protocol.wire import READ_CHUNK_BYTES, FrameDecoder, encode_frame
 
 log = logging.getLogger(__name__)
 
-_LENGTH = struct.Struct("<Q")
+def send_message(sock: socket.socket, message: Any) -> None:
+    """Write one frame (blocking)."""
+    sock.sendall(encode_frame(message))
 
 
-def send_message(sock: socket.socket, msg: Any) -> None:
-    """Write one length-prefixed pickled message (blocking)."""
-    payload = pickle.dumps(msg, protocol=5)
-    sock.sendall(_LENGTH.pack(len(payload)) + payload)
-
-
-def _recv_exactly(sock: socket.socket, num_bytes: int) -> bytes:
-    chunks: list[bytes] = []
-    remaining = num_bytes
-    while remaining:
-        chunk = sock.recv(min(remaining, 1 << 20))
+def recv_message(sock: socket.socket, decoder: FrameDecoder) -> Any:
+    """Read the next message (blocking); EOFError when the peer has closed the socket."""
+    while (message := decoder.next_message()) is None:
+        chunk = sock.recv(max(READ_CHUNK_BYTES, decoder.num_missing_bytes))
         if not chunk:
-            raise EOFError(f"socket closed with {remaining} of {num_bytes} bytes unread")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
-def recv_message(sock: socket.socket) -> Any:
-    """Read one length-prefixed pickled message (blocking); EOFError when the peer has closed the socket."""
-    (length,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size))
-    return pickle.loads(_recv_exactly(sock, length))
+            raise EOFError("the serving process closed the socket")
+        decoder.feed(chunk)
+    return message
 
 
 def _configure_threads(config: RunnerConfig) -> None:
@@ -82,6 +69,7 @@ def rank_main(config: RunnerConfig, sock: socket.socket) -> None:
 
 def _serve(config: RunnerConfig, sock: socket.socket) -> int:
     runner = None
+    decoder = FrameDecoder()
     try:
         from trillm.gpu.runner import ModelRunner
 
@@ -96,7 +84,7 @@ def _serve(config: RunnerConfig, sock: socket.socket) -> int:
         )
         send_message(sock, ready)
         while True:
-            msg = recv_message(sock)
+            msg = recv_message(sock, decoder)
             match msg:
                 case StepPlan():
                     send_message(sock, runner.step(msg))
@@ -139,7 +127,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--target", default=None, help="module:function to run instead of rank_main")
     args = parser.parse_args(argv)
     sock = socket.socket(fileno=args.fd)
-    config = recv_message(sock)
+    # The worker sends nothing after the config until this rank reports ready, so no bytes of a later frame can be
+    # left in this first decoder.
+    config = recv_message(sock, FrameDecoder())
     if not isinstance(config, RunnerConfig):
         raise TypeError(f"expected a RunnerConfig as the first frame, got {type(config).__name__}")
     target = rank_main if args.target is None else _load_target(args.target)

@@ -43,16 +43,8 @@ import attrs
 import numpy as np
 import torch
 
-from trillm.actors.messages import (
-    PREVIOUS_TOKEN,
-    KVCacheLayout,
-    SampledToken,
-    SampleSpec,
-    SamplingParams,
-    SeqStep,
-    StepPlan,
-    StepResult,
-)
+from trillm.protocol.api import SamplingParams
+from trillm.protocol.step import PREVIOUS_TOKEN, KVCacheLayout, SampleSpec, SampledToken, SeqStep, StepPlan, StepResult
 from trillm.config import RunnerConfig
 from trillm.errors import ModelLoadError
 from trillm.gpu import kernels, reference

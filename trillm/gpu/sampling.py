@@ -42,7 +42,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from trillm.actors.messages import SampleSpec, TokenLogprob
+from trillm.protocol.api import TokenLogprob
+from trillm.protocol.step import SampleSpec
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from trillm.http.choices import ChoiceTotals, chat_logprobs, collect_totals
 from trillm.http.errors import describe_exception
 from trillm.http.framing import SSE_DONE, sse_error, sse_event, streaming_response
 from trillm.http.metrics import RequestTrace
-from trillm.http.prompts import chat_prompt_ids, check_prompt_fits, generate_request, sampling_params
+from trillm.http.prompts import chat_prompt_ids, generate_request, sampling_params
 from trillm.http.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -72,7 +72,6 @@ async def chat_completions() -> Response:
     engine = state.engine_for_request(body.model)
     tokenizer = engine.tokenizer
     prompt_ids = chat_prompt_ids(tokenizer, body)
-    check_prompt_fits(prompt_ids, engine.max_model_len, "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     num_top = (body.top_logprobs or 0) if body.logprobs else None
     sampling = sampling_params(body, tokenizer.generation_defaults, tokenizer.vocab_size, max_tokens=max_tokens,
@@ -80,7 +79,8 @@ async def chat_completions() -> Response:
     reply = _Reply(id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()), model=engine.model_name,
                    n=body.n, num_prompt_tokens=len(prompt_ids), num_top_logprobs=num_top, tokenizer=tokenizer,
                    trace=state.metrics.trace("chat"))
-    generate = generate_request(body, request_id=reply.id, prompt_ids=prompt_ids, sampling=sampling)
+    generate = generate_request(body, request_id=reply.id, prompt_ids=prompt_ids, sampling=sampling,
+                                prompt_field="messages")
     log.info("%s chat: %d prompt tokens, n=%d, stream=%s, %s, messages=%s", reply.id, len(prompt_ids), body.n,
              body.stream, sampling, state.truncate_for_log(body.messages))
     stream = await state.open_stream([(0, partial(engine.generate, generate))])

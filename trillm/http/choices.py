@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from trillm.actors.messages import CompletionOutput, TokenLogprob
+from trillm.protocol.api import CompletionOutput, TextCodec, TokenLogprob
 from trillm.http.schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from trillm.http.metrics import RequestTrace
     from trillm.http.streams import ChoiceStream
-    from trillm.tokenizer import Tokenizer
 
 MASKED_LOGPROB = -9999.0
 
@@ -73,7 +72,7 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else MASKED_LOGPROB
 
 
-def chat_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob], num_top: int) -> ChatLogprobs:
+def chat_logprobs(tokenizer: TextCodec, logprobs: Sequence[TokenLogprob], num_top: int) -> ChatLogprobs:
     """Chat layout. `num_top` = the request's top_logprobs (0: no alternatives listed)."""
     content = []
     for entry in logprobs:
@@ -89,7 +88,7 @@ def chat_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob], num_to
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(tokenizer: Tokenizer, logprobs: Sequence[TokenLogprob], num_top: int,
+def completion_logprobs(tokenizer: TextCodec, logprobs: Sequence[TokenLogprob], num_top: int,
                         text_offset: int) -> tuple[CompletionLogprobs, int]:
     """Legacy completion layout; offsets count characters from `text_offset`. Returns it and the next offset."""
     result = CompletionLogprobs()

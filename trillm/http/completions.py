@@ -18,14 +18,13 @@ from typing import Any
 import attrs
 from quart import Blueprint, Response, request
 
-from trillm.actors.messages import CompletionOutput, FinishReason
+from trillm.protocol.api import CompletionOutput, FinishReason
 from trillm.errors import InvalidRequestError
 from trillm.http.choices import ChoiceTotals, collect_totals, completion_logprobs
 from trillm.http.errors import describe_exception
 from trillm.http.framing import SSE_DONE, sse_error, sse_event, streaming_response
 from trillm.http.metrics import RequestTrace
 from trillm.http.prompts import (
-    check_prompt_fits,
     completion_prompts,
     generate_request,
     sampling_params,
@@ -101,8 +100,6 @@ async def completions() -> Response:
     if len(prompts) * body.n > MAX_TOTAL_CHOICES:
         raise InvalidRequestError(f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_TOTAL_CHOICES} "
                                   "choices in one request", param="n")
-    for prompt_ids in prompts:
-        check_prompt_fits(prompt_ids, engine.max_model_len, "prompt")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = sampling_params(body, tokenizer.generation_defaults, tokenizer.vocab_size, max_tokens=max_tokens,
                                logprobs=body.logprobs)

@@ -20,7 +20,7 @@ from functools import partial
 
 from quart import Blueprint, Response, request
 
-from trillm.actors.messages import CompletionOutput
+from trillm.protocol.api import CompletionOutput, InteractiveTurn
 from trillm.http.choices import ChoiceTotals
 from trillm.http.errors import describe_exception
 from trillm.http.framing import ndjson_line, streaming_response
@@ -68,13 +68,19 @@ async def chat_interactive() -> Response:
     engine = state.engine_for_request()
     session_id = engine.new_session_id() if body.session_id == -1 else body.session_id
     request_id = f"session-{session_id}-{secrets.token_hex(6)}"
-    prompt = body.prompt if isinstance(body.prompt, str) else message_dicts(body.prompt)
-    sampling = interactive_sampling(body)
+    turn = InteractiveTurn(
+        request_id=request_id,
+        session_id=session_id,
+        prompt=body.prompt if isinstance(body.prompt, str) else tuple(message_dicts(body.prompt)),
+        interactive_mode=body.interactive_mode,
+        sampling=interactive_sampling(body),
+        stop=stop_strings(body.stop),
+        skip_special_tokens=body.skip_special_tokens,
+        spaces_between_special_tokens=body.spaces_between_special_tokens,
+    )
     log.info("%s turn: interactive_mode=%s, stream=%s, %s, prompt=%s", request_id, body.interactive_mode,
-             body.stream, sampling, state.truncate_for_log(prompt))
-    source = partial(engine.interactive, session_id=session_id, prompt=prompt, interactive_mode=body.interactive_mode,
-                     sampling=sampling, stop=stop_strings(body.stop), skip_special_tokens=body.skip_special_tokens,
-                     request_id=request_id)
+             body.stream, turn.sampling, state.truncate_for_log(turn.prompt))
+    source = partial(engine.interactive, turn)
     stream = await state.open_stream([(0, source)])
     trace = state.metrics.trace("interactive")
     if body.stream:

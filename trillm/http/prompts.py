@@ -1,6 +1,7 @@
 """Request translation: validated HTTP request objects → the Engine's prompt token ids and SamplingParams.
 
-Checks that need the model live here: token ids below the vocabulary size, prompts that fit the context window.
+Checks that need the vocabulary live here (token ids below its size); whether a prompt fits the window is the
+Engine's admission check (`Engine._admit`), the one place that rule lives.
 Unset sampling values come from the model's generation_config.json (`Tokenizer.generation_defaults`), else from
 OpenAI's defaults (temperature 1, top_p 1, top_k off, min_p off, repetition_penalty 1).
 """
@@ -9,16 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from trillm.actors.messages import GenerateRequest, SamplingParams
-from trillm.errors import ContextLengthExceededError, InvalidRequestError
+from trillm.protocol.api import GenerateRequest, SamplingParams, TextCodec
+from trillm.errors import InvalidRequestError
 from trillm.http.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, InteractiveRequest, SamplingFields
 
 log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    from trillm.tokenizer import Tokenizer
 
 OPENAI_DEFAULTS: Mapping[str, float | int] = {
     "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
@@ -39,7 +37,7 @@ def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return result
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, request: ChatCompletionRequest) -> tuple[int, ...]:
+def chat_prompt_ids(tokenizer: TextCodec, request: ChatCompletionRequest) -> tuple[int, ...]:
     """The prompt of a chat request: the chat template over the messages, or their bare text (do_preprocess false).
 
     Raises:
@@ -54,7 +52,7 @@ def chat_prompt_ids(tokenizer: Tokenizer, request: ChatCompletionRequest) -> tup
     return tuple(tokenizer.encode_chat(message_dicts(messages)))
 
 
-def completion_prompts(tokenizer: Tokenizer, request: CompletionRequest) -> list[tuple[int, ...]]:
+def completion_prompts(tokenizer: TextCodec, request: CompletionRequest) -> list[tuple[int, ...]]:
     """The prompts of a text completion request as token ids, one entry per prompt.
 
     Raises:
@@ -84,14 +82,6 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
             raise InvalidRequestError(
                 f"{param}[{i}]: token id {token_id} is outside the vocabulary [0, {vocab_size})", param=param
             )
-
-
-def check_prompt_fits(prompt_ids: Sequence[int], max_model_len: int, param: str) -> None:
-    """Raises InvalidRequestError for an empty prompt, ContextLengthExceededError for one that leaves no room."""
-    if not prompt_ids:
-        raise InvalidRequestError(f"{param} is empty: there is nothing to continue from", param=param)
-    if len(prompt_ids) >= max_model_len:
-        raise ContextLengthExceededError(len(prompt_ids), max_model_len, param=param)
 
 
 def _pick(value: float | int | None, name: str, defaults: Mapping[str, float | int]) -> Any:
@@ -159,7 +149,7 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def generate_request(request: SamplingFields, *, request_id: str, prompt_ids: tuple[int, ...],
-                     sampling: SamplingParams) -> GenerateRequest:
+                     sampling: SamplingParams, prompt_field: str = "prompt") -> GenerateRequest:
     """The GenerateRequest of one prompt of a chat or completion request."""
     session_id = request.session_id if request.session_id not in (None, -1) else None
     return GenerateRequest(
@@ -171,4 +161,5 @@ def generate_request(request: SamplingFields, *, request_id: str, prompt_ids: tu
         skip_special_tokens=request.skip_special_tokens,
         spaces_between_special_tokens=request.spaces_between_special_tokens,
         session_id=session_id,
+        prompt_field=prompt_field,
     )

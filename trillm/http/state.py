@@ -8,7 +8,7 @@ app's nursery down with it: the failure is recorded, /health turns 503 and every
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
 import trio
 from quart import current_app
@@ -19,9 +19,7 @@ from trillm.errors import EngineDeadError, EngineDrainingError, ModelNotFoundErr
 from trillm.http.metrics import ServerMetrics
 from trillm.http.schemas import encode
 from trillm.http.streams import ChoiceStream, OutputSource
-
-if TYPE_CHECKING:
-    from trillm.actors.engine import Engine
+from trillm.protocol.api import EngineClient, EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +27,9 @@ log = logging.getLogger(__name__)
 class ServerState:
     """Per-app server state; views reach it with `current_state()`."""
 
-    def __init__(self, config: ServerConfig, engine: Engine | None = None) -> None:
+    def __init__(self, config: ServerConfig, engine: EngineClient | None = None) -> None:
         self.config = config
-        self.engine: Any = engine  # Engine, or any object with its public API (tests use a FakeEngine)
+        self.engine = engine  # the Engine, or any EngineClient (tests inject a FakeEngine)
         self.is_engine_owned = engine is None
         self.failure: str | None = None
         self.is_draining = False
@@ -75,22 +73,22 @@ class ServerState:
         if self.is_engine_owned and self.engine is not None:
             await self._closed.wait()
 
-    def _read_stats(self) -> Any | None:
+    def _read_stats(self) -> EngineStats | None:
         return self.engine.statistics() if self.engine is not None else None
 
     def _model_name(self) -> str:
-        return str(self.engine.model_name) if self.engine is not None else ""
+        return self.engine.model_name if self.engine is not None else ""
 
     @property
     def is_alive(self) -> bool:
-        return self.engine is not None and self.failure is None and bool(self.engine.is_alive)
+        return self.engine is not None and self.failure is None and self.engine.is_alive
 
     def failure_reason(self) -> str:
         if self.engine is None:
             return "The engine is not running"
         return self.failure or self.engine.failure or "The engine has failed"
 
-    def engine_for_request(self, model: str | None = None) -> Any:
+    def engine_for_request(self, model: str | None = None) -> EngineClient:
         """The engine, checked for a new request.
 
         Raises:
@@ -100,13 +98,13 @@ class ServerState:
         """
         if self.is_draining:
             raise EngineDrainingError("The server is shutting down and accepts no new requests")
-        if not self.is_alive:
+        if not self.is_alive or self.engine is None:
             raise EngineDeadError(self.failure_reason())
         if model is not None and model != self.engine.model_name:
             raise ModelNotFoundError(model)
         return self.engine
 
-    def engine_for_control(self) -> Any:
+    def engine_for_control(self) -> EngineClient:
         """The engine for a session cancel or end, which are always accepted (also while draining).
 
         Raises:
@@ -137,7 +135,7 @@ class ServerState:
         if not self.is_draining:
             log.info("draining: %d request(s) in flight", self.num_in_flight)
         self.is_draining = True
-        if self.engine is not None and hasattr(self.engine, "drain"):
+        if self.engine is not None:
             self.engine.drain()
 
     def truncate_for_log(self, value: object) -> str:

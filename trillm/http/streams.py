@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 import trio
 
-from trillm.actors.messages import CompletionOutput
+from trillm.protocol.api import CompletionOutput
 
 log = logging.getLogger(__name__)
 

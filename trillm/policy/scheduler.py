@@ -45,79 +45,17 @@ Reused KV. A new sequence may start with `num_computed_tokens > 0`:
 from __future__ import annotations
 
 import collections
-import enum
 import logging
 
 import attrs
 
-from trillm.actors.kv_blocks import ROOT_HASH, BlockManager, BlockManagerStats, blocks_for, hash_block
-from trillm.actors.messages import (
-    PREVIOUS_TOKEN,
-    FinishReason,
-    SampleSpec,
-    SamplingParams,
-    SeqStep,
-    StepPlan,
-    StepResult,
-    TokenEvent,
-    TokenLogprob,
-)
+from trillm.policy.kv_blocks import BlockManager, BlockManagerStats, blocks_for
+from trillm.policy.sequence import Sequence, SeqStatus
+from trillm.policy.session_kv import ClaimedKV, ParkedSessions
+from trillm.protocol.api import FinishReason, SamplingParams, TokenLogprob
+from trillm.protocol.step import PREVIOUS_TOKEN, SampleSpec, SeqStep, StepPlan, StepResult, TokenEvent
 
 log = logging.getLogger(__name__)
-
-
-class SeqStatus(enum.Enum):
-    """Where a sequence is in its life: waiting → running ⇄ preempted (waiting again) → finished."""
-
-    WAITING = "waiting"
-    RUNNING = "running"
-    PREEMPTED = "preempted"
-    FINISHED = "finished"
-
-
-@attrs.define(eq=False, kw_only=True)
-class Sequence:
-    """The Scheduler's mutable state of one sequence (never leaves the Batcher; plans carry snapshots)."""
-
-    seq_id: int
-    num_prompt_tokens: int
-    sampling: SamplingParams
-    max_new_tokens: int
-    session_id: int | None = None
-    keep_kv: bool = False
-    token_ids: list[int]  # prompt + outputs so far
-    block_table: list[int] = attrs.Factory(list)
-    block_hashes: list[int] = attrs.Factory(list)  # prefix-cache keys of the leading full, computed blocks
-    num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens reused (parked or prefix-cached KV) at first admission
-    status: SeqStatus = SeqStatus.WAITING
-    is_admitted: bool = False  # admitted at least once
-    num_pending: int = 0  # samples in flight for it (planned, not applied yet): 0 in lockstep between steps
-
-    @property
-    def num_tokens(self) -> int:
-        """Known tokens plus the ones sampled by plans in flight (their ids are not known yet)."""
-        return len(self.token_ids) + self.num_pending
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def num_uncomputed_tokens(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def output_token_ids(self) -> tuple[int, ...]:
-        return tuple(self.token_ids[self.num_prompt_tokens :])
-
-
-@attrs.define(kw_only=True)
-class _ParkedKV:
-    """A finished session turn's KV: the tokens whose KV is computed, and the blocks that hold it."""
-
-    token_ids: tuple[int, ...]
-    block_table: list[int]
 
 
 @attrs.frozen(kw_only=True)
@@ -163,11 +101,10 @@ class Scheduler:
         self._seqs: dict[int, Sequence] = {}
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []  # admission order: oldest first
-        self._parked: collections.OrderedDict[int, _ParkedKV] = collections.OrderedDict()  # LRU first
+        self._parked = ParkedSessions(block_manager)
         self._in_flight: collections.deque[tuple[int, set[int]]] = collections.deque()  # (step id, seqs it samples)
         self._step_id = 0
         self._num_preemptions = 0
-        self._num_evicted_sessions = 0
         self._num_prompt_tokens = 0
         self._num_computed_prompt_tokens = 0
         self._num_cached_prompt_tokens = 0
@@ -187,17 +124,13 @@ class Scheduler:
     ) -> TokenEvent | None:
         """Queue a new sequence. Returns its final event right away when it may generate nothing.
 
-        Raises:
-            ValueError: a duplicate seq_id, an empty prompt, or a prompt that leaves no room in the window.
+        The Engine admitted it (`Engine._admit`: a fresh seq_id, a prompt that leaves room in the window, a token budget
+        resolved against that room), so here those are invariants. A sequence also finishes with `length` when it
+        reaches the window, whatever its budget.
         """
-        if seq_id in self._seqs:
-            raise ValueError(f"seq_id {seq_id} is already live")
-        if not 0 < len(prompt_token_ids) < self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(prompt_token_ids)} tokens does not fit max_model_len {self.max_model_len}"
-            )
+        assert seq_id not in self._seqs, f"seq_id {seq_id} is already live"
+        assert 0 < len(prompt_token_ids) < self.max_model_len, f"unadmitted prompt of {len(prompt_token_ids)} tokens"
         self._num_prompt_tokens += len(prompt_token_ids)
-        max_new_tokens = min(max_new_tokens, self.max_model_len - len(prompt_token_ids))
         if max_new_tokens <= 0:
             return TokenEvent(
                 seq_id=seq_id, finish_reason=FinishReason.LENGTH, num_prompt_tokens=len(prompt_token_ids)
@@ -225,9 +158,7 @@ class Scheduler:
 
     def release_session(self, session_id: int) -> None:
         """Free the KV parked under `session_id`; a live sequence of that session will no longer park."""
-        parked = self._parked.pop(session_id, None)
-        if parked is not None:
-            self.block_manager.free(parked.block_table)
+        self._parked.release(session_id)
         for seq in self._seqs.values():
             if seq.session_id == session_id:
                 seq.keep_kv = False
@@ -309,7 +240,7 @@ class Scheduler:
             num_parked_sessions=len(self._parked),
             num_steps=self._step_id,
             num_preemptions=self._num_preemptions,
-            num_evicted_sessions=self._num_evicted_sessions,
+            num_evicted_sessions=self._parked.num_evicted,
             num_prompt_tokens=self._num_prompt_tokens,
             num_computed_prompt_tokens=self._num_computed_prompt_tokens,
             num_cached_prompt_tokens=self._num_cached_prompt_tokens,
@@ -333,7 +264,7 @@ class Scheduler:
                 continue  # waits for its result (last allowed token in flight, or penalties)
             num_needed = blocks_for(seq.num_computed_tokens + 1, self.block_size) - len(seq.block_table)
             while not self.block_manager.can_allocate(num_needed):
-                if self._evict_parked():
+                if self._parked.evict_lru():
                     continue
                 victim = self._running[-1]
                 self._preempt(victim)
@@ -360,16 +291,6 @@ class Scheduler:
         self._waiting.appendleft(seq)
         self._num_preemptions += 1
 
-    def _evict_parked(self) -> bool:
-        """Free the least recently parked session KV; False if none is parked."""
-        if not self._parked:
-            return False
-        session_id, parked = self._parked.popitem(last=False)
-        log.debug("evicting the parked KV of session %d (%d blocks)", session_id, len(parked.block_table))
-        self.block_manager.free(parked.block_table)
-        self._num_evicted_sessions += 1
-        return True
-
     # -- admission ---------------------------------------------------------------------------------------------------
 
     def _admit(self, seq: Sequence) -> bool:
@@ -379,13 +300,13 @@ class Scheduler:
         """
         if seq.num_pending:
             return False
-        is_claimed = self._claim_parked(seq)
-        if not is_claimed:
+        claimed = self._claim_parked(seq)
+        if claimed is None:
             self._match_prefix(seq)
         num_needed = blocks_for(len(seq.token_ids), self.block_size) - len(seq.block_table)
         while not self.block_manager.can_allocate(num_needed):
-            if not self._evict_parked():
-                self._unadmit(seq, repark=is_claimed)
+            if not self._parked.evict_lru():
+                self._unadmit(seq, claimed)
                 return False
         seq.block_table += self.block_manager.allocate(num_needed)
         if not seq.is_admitted:
@@ -397,57 +318,33 @@ class Scheduler:
         self._running.append(seq)
         return True
 
-    def _unadmit(self, seq: Sequence, *, repark: bool) -> None:
+    def _unadmit(self, seq: Sequence, claimed: ClaimedKV | None) -> None:
         """Undo a failed admission: give back reused blocks (to the session's parking spot when they came from it)."""
-        if repark:
+        if claimed is not None:
             assert seq.session_id is not None
-            parked_tokens = tuple(seq.token_ids[: seq.num_computed_tokens])
-            self._parked[seq.session_id] = _ParkedKV(token_ids=parked_tokens, block_table=seq.block_table)
+            self._parked.unclaim(seq.session_id, seq.token_ids, claimed)
             seq.block_table = []
             seq.block_hashes = []
             seq.num_computed_tokens = 0
         else:
             self._release_blocks(seq)
 
-    def _claim_parked(self, seq: Sequence) -> bool:
-        """Start `seq` from its session's parked KV: the longest common token prefix, leaving >= 1 token to compute."""
-        if seq.session_id is None or seq.session_id not in self._parked:
-            return False
-        parked = self._parked.pop(seq.session_id)
-        num_reused = 0
-        limit = min(len(parked.token_ids), len(seq.token_ids) - 1)
-        while num_reused < limit and parked.token_ids[num_reused] == seq.token_ids[num_reused]:
-            num_reused += 1
-        num_kept = blocks_for(num_reused, self.block_size)
-        if num_reused % self.block_size and self._is_shared(parked.block_table[num_kept - 1]):
-            # The partial last block would be written from `num_reused` on: never write a shared/cached block.
-            num_kept -= 1
-            num_reused = num_kept * self.block_size
-        self.block_manager.free(parked.block_table[num_kept:])
-        seq.block_table = parked.block_table[:num_kept]
-        seq.num_computed_tokens = num_reused
+    def _claim_parked(self, seq: Sequence) -> ClaimedKV | None:
+        """Start `seq` from its session's parked KV (`ParkedSessions.claim`); None when nothing is parked for it."""
+        if seq.session_id is None:
+            return None
+        claimed = self._parked.claim(seq.session_id, seq.token_ids)
+        if claimed is None:
+            return None
+        seq.block_table = list(claimed.block_table)
+        seq.num_computed_tokens = claimed.num_reused_tokens
         self._hash_computed_blocks(seq)
-        return True
-
-    def _is_shared(self, block_id: int) -> bool:
-        return self.block_manager.ref_count(block_id) > 1 or self.block_manager.is_cached(block_id)
+        return claimed
 
     def _match_prefix(self, seq: Sequence) -> None:
         """Start `seq` from prefix-cached full blocks of its tokens (never the block holding its last token)."""
-        if not self.block_manager.enable_prefix_caching:
-            return
-        size = self.block_size
-        parent = ROOT_HASH
-        for index in range((len(seq.token_ids) - 1) // size):
-            block_hash = hash_block(parent, seq.token_ids[index * size : (index + 1) * size])
-            block_id = self.block_manager.cached_block(block_hash)
-            if block_id is None:
-                break
-            seq.block_table.append(block_id)
-            seq.block_hashes.append(block_hash)
-            parent = block_hash
-        self.block_manager.acquire(seq.block_table)
-        seq.num_computed_tokens = len(seq.block_table) * size
+        seq.block_table, seq.block_hashes = self.block_manager.match_prefix(seq.token_ids)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
 
     # -- planning ----------------------------------------------------------------------------------------------------
 
@@ -485,15 +382,8 @@ class Scheduler:
 
     def _hash_computed_blocks(self, seq: Sequence) -> None:
         """Register every newly full, computed block of `seq` in the prefix cache."""
-        if not self.block_manager.enable_prefix_caching:
-            return
-        size = self.block_size
         num_known = min(seq.num_computed_tokens, len(seq.token_ids))  # never hash a block with an unknown token
-        for index in range(len(seq.block_hashes), num_known // size):
-            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
-            block_hash = hash_block(parent, seq.token_ids[index * size : (index + 1) * size])
-            self.block_manager.register(seq.block_table[index], block_hash)
-            seq.block_hashes.append(block_hash)
+        self.block_manager.register_full_blocks(seq.token_ids, seq.block_table, seq.block_hashes, num_known)
 
     # -- finishing ---------------------------------------------------------------------------------------------------
 
@@ -531,14 +421,7 @@ class Scheduler:
 
     def _park(self, seq: Sequence) -> None:
         assert seq.session_id is not None
-        previous = self._parked.pop(seq.session_id, None)
-        if previous is not None:
-            self.block_manager.free(previous.block_table)
-        num_kept = blocks_for(seq.num_computed_tokens, self.block_size)
-        self.block_manager.free(seq.block_table[num_kept:])
-        self._parked[seq.session_id] = _ParkedKV(
-            token_ids=tuple(seq.token_ids[: seq.num_computed_tokens]), block_table=seq.block_table[:num_kept]
-        )
+        self._parked.park(seq.session_id, seq.token_ids[: seq.num_computed_tokens], seq.block_table)
         seq.block_table = []
         seq.block_hashes = []
 

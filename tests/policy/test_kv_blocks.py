@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trillm.actors.kv_blocks import ROOT_HASH, BlockManager, blocks_for, hash_block
+from trillm.policy.kv_blocks import ROOT_HASH, BlockManager, blocks_for, hash_block
 
 
 def test_blocks_for_rounds_up() -> None:

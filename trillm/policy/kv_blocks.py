@@ -1,4 +1,4 @@
-"""BlockManager: the paged KV cache's block pool, with reference counts and an optional prefix cache.
+"""BlockManager: the paged KV cache's block pool, with reference counts and the prefix cache's hash matching.
 
 Plain Python, no Trio and no torch: the Scheduler owns one and is its only caller.
 
@@ -165,6 +165,50 @@ class BlockManager:
         if block_id is not None:
             self._num_hits += 1
         return block_id
+
+    def match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Cached full blocks that hold a prefix of `token_ids`, each acquired: (block ids, their hashes).
+
+        Never the block holding the last token: its position must be computed to produce logits. Empty when prefix
+        caching is off.
+        """
+        if not self.enable_prefix_caching:
+            return [], []
+        size = self.block_size
+        block_ids: list[int] = []
+        hashes: list[int] = []
+        parent = ROOT_HASH
+        for index in range((len(token_ids) - 1) // size):
+            block_hash = hash_block(parent, token_ids[index * size : (index + 1) * size])
+            block_id = self.cached_block(block_hash)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+            hashes.append(block_hash)
+            parent = block_hash
+        self.acquire(block_ids)
+        return block_ids, hashes
+
+    def register_full_blocks(
+        self, token_ids: Sequence[int], block_table: Sequence[int], block_hashes: list[int], num_known_tokens: int
+    ) -> None:
+        """Register every full block among the first `num_known_tokens` positions that `block_hashes` lacks yet.
+
+        `block_hashes` (one sequence's chain of keys, leading blocks first) is extended in place. Only positions whose
+        token and KV are both known may be counted in `num_known_tokens`: a registered block is never written again.
+        """
+        if not self.enable_prefix_caching:
+            return
+        size = self.block_size
+        for index in range(len(block_hashes), num_known_tokens // size):
+            parent = block_hashes[-1] if block_hashes else ROOT_HASH
+            block_hash = hash_block(parent, token_ids[index * size : (index + 1) * size])
+            self.register(block_table[index], block_hash)
+            block_hashes.append(block_hash)
+
+    def is_shared(self, block_id: int) -> bool:
+        """Whether writing into `block_id` could change what someone else reads: another holder or a cache entry."""
+        return self._ref_counts[block_id] > 1 or block_id in self._hash_of_block
 
     def register(self, block_id: int, block_hash: int) -> None:
         """Record that `block_id` holds the full block keyed `block_hash` (no-op when prefix caching is off).

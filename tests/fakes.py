@@ -18,15 +18,8 @@ from typing import Any
 import attrs
 import pytest
 
-from trillm.actors.messages import (
-    PREVIOUS_TOKEN,
-    KVCacheLayout,
-    SampledToken,
-    SampleSpec,
-    StepPlan,
-    StepResult,
-    TokenLogprob,
-)
+from trillm.protocol.api import TokenLogprob
+from trillm.protocol.step import PREVIOUS_TOKEN, KVCacheLayout, SampleSpec, SampledToken, StepPlan, StepResult
 from trillm.actors.batcher import BatcherActor
 from trillm.config import EngineConfig
 
