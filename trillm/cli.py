@@ -96,6 +96,12 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 16 MiB)")
     server.add_argument("--graceful-timeout", type=float, dest="graceful_timeout_s",
                         help="seconds requests in flight may take to finish on shutdown (default 30)")
+    server.add_argument("--backlog", type=int,
+                        help="connections the kernel may queue before the server accepts them (default 4096, capped "
+                             "by net.core.somaxconn); a full queue drops connections, which /metrics counts")
+    server.add_argument("--keep-alive-timeout", type=float, dest="keep_alive_timeout_s",
+                        help="seconds an idle keep-alive connection stays open (default 75: longer than clients' "
+                             "own pools keep theirs, so a client never reuses a connection the server is closing)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,18 +175,17 @@ async def serve(config: ServerConfig) -> None:
     Raises:
         ModelLoadError, EngineDeadError: the engine could not start.
     """
-    import hypercorn.config
     import hypercorn.trio
     import trio
 
     from trillm.actors.engine import Engine
     from trillm.http.app import create_app
+    from trillm.http.listening import bind_host, hypercorn_settings, raise_open_file_limit
 
-    host = f"[{config.server_name}]" if ":" in config.server_name else config.server_name
-    hypercorn_config = hypercorn.config.Config()
-    hypercorn_config.bind = [f"{host}:{config.server_port}"]
+    host = bind_host(config.server_name)
+    hypercorn_config = hypercorn_settings(config)
     hypercorn_config.graceful_timeout = 1.0  # the drain already waited for requests in flight
-    hypercorn_config.accesslog = None
+    raise_open_file_limit()
     async with Engine.open(config.engine) as engine:
         app = create_app(config, engine=engine)
         state = app.extensions["trillm"]

@@ -107,6 +107,8 @@ class ServerConfig:
     disable_docs: bool = False
     max_body_bytes: int = attrs.field(default=16 << 20, validator=_positive)
     graceful_timeout_s: float = 30.0
+    backlog: int = attrs.field(default=4096, validator=_positive)  # listen queue; the kernel caps it at somaxconn
+    keep_alive_timeout_s: float = attrs.field(default=75.0, validator=_positive)  # idle keep-alive connections
 
 
 def _parse_env_value(raw: str, default: Any) -> Any:

@@ -150,7 +150,8 @@ class FakeEngine:
             num_total_blocks=self.num_total_blocks, prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generation_tokens,
             computed_prompt_tokens_total=self._computed_prompt_tokens,
-            cached_prompt_tokens_total=self._prompt_tokens - self._computed_prompt_tokens, num_preemptions=0,
+            cached_prompt_tokens_total=self._prompt_tokens - self._computed_prompt_tokens,
+            prefix_cache_query_tokens_total=0, prefix_cache_hit_tokens_total=0, num_preemptions=0,
             steps=self._steps,
         )
 

@@ -27,7 +27,8 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(smollm2_folder: str) -> Iterator[LiveServer]:
-    engine = EngineConfig(model=smollm2_folder, model_name=MODEL, session_len=256, max_batch_size=8)
+    engine = EngineConfig(model=smollm2_folder, model_name=MODEL, session_len=256, max_batch_size=8,
+                          enable_prefix_caching=True)
     live = LiveServer(create_app(ServerConfig(engine=engine, server_name="127.0.0.1", server_port=1))).start()
     yield live
     live.stop()
@@ -144,3 +145,25 @@ def test_busy_session_cancel_and_overlong_turn(server: LiveServer, http: httpx.C
     error = too_long.json()["error"]
     assert error["code"] == "context_length_exceeded" and "end the session" in error["message"]
     http.post("/v1/chat/interactive", json={"prompt": "", "session_id": 8, "request_output_len": 0})
+
+
+def metric(http: httpx.Client, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_repeated_prompt_reports_its_prefix_cache_hit_in_usage_and_metrics(http: httpx.Client) -> None:
+    prompt = [1000 + (i * 37) % 5000 for i in range(150)]  # 150 tokens: 2 full blocks of 64 can be reused
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    hits_before = metric(http, "trillm:prefix_cache_hits_total")
+    queries_before = metric(http, "trillm:prefix_cache_queries_total")
+    first = http.post("/v1/completions", json=body).json()
+    second = http.post("/v1/completions", json=body).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 128}
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    assert metric(http, "trillm:prefix_cache_hits_total") - hits_before == 128
+    # the first lookup stops at its first miss (1 block); the second finds both blocks
+    assert metric(http, "trillm:prefix_cache_queries_total") - queries_before == 64 + 128

@@ -46,6 +46,8 @@ def test_client_disconnect_aborts_and_frees_blocks(server: tuple[LiveServer, Fak
     assert stats.num_free_blocks == stats.num_total_blocks
     assert engine.aborted == [engine.requests[-1].request_id]
     assert live.state.num_in_flight == 0
+    disconnects = live.state.metrics.client_disconnects.labels(endpoint="chat")._value.get()
+    assert disconnects == 1  # counted (and logged) as a dropped connection, not as a finished request
 
 
 @pytest.mark.slow

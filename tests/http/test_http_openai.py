@@ -152,7 +152,8 @@ def test_max_tokens_zero_answers_without_generating(http: httpx.Client, fake_eng
     before = len(fake_engine.requests)
     body = http.post("/v1/completions", json={"prompt": "abc", "max_tokens": 0, "echo": True}).json()
     assert body["choices"][0] == {"index": 0, "text": "abc", "logprobs": None, "finish_reason": "length"}
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert len(fake_engine.requests) == before
 
 

@@ -456,6 +456,8 @@ class Engine:
             generation_tokens_total=sched.num_generated_tokens,
             computed_prompt_tokens_total=sched.num_computed_prompt_tokens,
             cached_prompt_tokens_total=sched.num_cached_prompt_tokens,
+            prefix_cache_query_tokens_total=sched.blocks.prefix_cache_queries * sched.blocks.block_size,
+            prefix_cache_hit_tokens_total=sched.blocks.prefix_cache_hits * sched.blocks.block_size,
             num_preemptions=sched.num_preemptions,
             steps=stats.num_steps,
         )

@@ -68,9 +68,27 @@ def sample(
     token_ids = logits.argmax(dim=-1)  # [num_seqs]; the answer for greedy rows
     random_rows = [i for i, spec in enumerate(specs) if not spec.sampling.is_greedy]
     if random_rows:
-        rows = torch.tensor(random_rows, device=logits.device)
+        rows = _on_device(random_rows, torch.int64, logits.device)
         token_ids[rows] = _draw(logits[rows], [specs[i] for i in random_rows])
     return _to_host(logits, token_ids, specs)
+
+
+def _host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device` without a host sync: on CUDA through pinned memory with a non-blocking copy.
+
+    A plain `.to("cuda")` (or `torch.tensor(values, device="cuda")`) of pageable memory synchronises the stream, so
+    the rank would wait for the forward pass before it could launch the sampling kernels, and could never run ahead
+    of the GPU (issue #8's profile found this in the stop-token masking of every `ignore_eos` step). Torch's caching
+    host allocator keeps a pinned block alive until the copy that reads it has completed.
+    """
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _on_device(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 1-D tensor of `values` on `device`, copied without a host sync (`_host_to_device`)."""
+    return _host_to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _apply_logit_bias(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> None:
@@ -87,8 +105,8 @@ def _apply_logit_bias(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> None
                 biases.append(bias)
     if rows:
         device = logits.device
-        index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-        logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+        index = (_on_device(rows, torch.int64, device), _on_device(cols, torch.int64, device))
+        logits.index_put_(index, _on_device(biases, logits.dtype, device), accumulate=True)
 
 
 def _padded(sequences: list[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -98,7 +116,7 @@ def _padded(sequences: list[Sequence[int]], pad: int, device: torch.device) -> t
     for row, ids in enumerate(sequences):
         host[row, : len(ids)] = ids
     host[(host < 0) | (host > pad)] = pad
-    return torch.from_numpy(host).to(device)
+    return _host_to_device(torch.from_numpy(host), device)
 
 
 def _apply_penalties(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> None:
@@ -111,9 +129,9 @@ def _apply_penalties(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> None:
     chosen = [specs[i] for i in penalised]
 
     def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=logits.dtype, device=device).view(num_rows, 1)  # [rows, 1]
+        return _on_device(values, logits.dtype, device).view(num_rows, 1)  # [rows, 1]
 
-    rows = torch.tensor(penalised, device=device)
+    rows = _on_device(penalised, torch.int64, device)
     sub = logits[rows]  # [rows, vocab]
     # Column `vocab_size` of the count tensors is the padding sink; it is sliced away.
     history = _padded([s.history_token_ids for s in chosen], vocab_size, device)  # [rows, history]
@@ -150,8 +168,8 @@ def _mask_stop_tokens(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> None
                 cols.append(token_id)
     if rows:
         device = logits.device
-        index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
-        logits.index_put_(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
+        index = (_on_device(rows, torch.int64, device), _on_device(cols, torch.int64, device))
+        logits[index] = float("-inf")
 
 
 def _draw(
@@ -163,7 +181,7 @@ def _draw(
     num_rows, vocab_size = logits.shape
 
     def column(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=logits.dtype, device=device).view(num_rows, 1)  # [rows, 1]
+        return _on_device(values, logits.dtype, device).view(num_rows, 1)  # [rows, 1]
 
     scaled = logits / column([s.sampling.temperature for s in specs])  # [rows, vocab]
     top_ks = [s.sampling.top_k if 0 < s.sampling.top_k < vocab_size else vocab_size for s in specs]
@@ -194,11 +212,11 @@ def _top_k_top_p(
     else:
         sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)  # [rows, vocab] each
     ranks = torch.arange(width, device=scaled.device, dtype=scaled.dtype).view(1, width)  # [1, width]
-    k = torch.tensor(top_k, dtype=scaled.dtype, device=scaled.device).view(num_rows, 1)  # [rows, 1]
+    k = _on_device(top_k, scaled.dtype, scaled.device).view(num_rows, 1)  # [rows, 1]
     sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)  # [rows, width]
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly more likely tokens
-    p = torch.tensor(top_p, dtype=scaled.dtype, device=scaled.device).view(num_rows, 1)  # [rows, 1]
+    p = _on_device(top_p, scaled.dtype, scaled.device).view(num_rows, 1)  # [rows, 1]
     drop = mass_before >= p  # keeps the smallest prefix whose mass reaches top_p
     drop[:, 0] = False  # the most likely token always survives (top_p = 0 means greedy)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
@@ -240,7 +258,7 @@ def _to_host(
         return [(token_id, None) for token_id in token_ids.tolist()]
     vocab_size = logits.shape[1]
     max_k = min(max(specs[i].sampling.logprobs or 0 for i in wanted), vocab_size)
-    rows = torch.tensor(wanted, device=logits.device)
+    rows = _on_device(wanted, torch.int64, logits.device)
     logprobs = logits[rows].log_softmax(dim=-1)  # [wanted, vocab]
     chosen = logprobs.gather(1, token_ids[rows].view(-1, 1))  # [wanted, 1]
     top_values, top_ids = logprobs.topk(max_k, dim=-1)  # [wanted, max_k] each, highest first

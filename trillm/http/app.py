@@ -61,11 +61,13 @@ def create_app(config: ServerConfig, engine: Any | None = None) -> QuartTrio:
 
     @app.before_serving
     async def open_engine() -> None:
+        await app.nursery.start(state.listen_watch.run)
         if state.is_engine_owned:
             await app.nursery.start(state.run_engine)
 
     @app.after_serving
     async def close_engine() -> None:
+        state.listen_watch.stop()
         await state.close_engine()
 
     return app

@@ -55,9 +55,6 @@ class _Reply:
     tokenizer: Any
     trace: RequestTrace
 
-    def usage(self, completion_tokens: int) -> Usage:
-        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self.num_prompt_tokens + completion_tokens)
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         return sse_event(ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
@@ -91,7 +88,7 @@ async def chat_completions() -> Response:
     log.info("%s done in %.3f s: %d completion tokens, finish %s", reply.id, elapsed_s, totals.completion_tokens,
              totals.finish_reasons)
     answer = ChatCompletionResponse(
-        id=reply.id, created=reply.created, model=reply.model, usage=reply.usage(totals.completion_tokens),
+        id=reply.id, created=reply.created, model=reply.model, usage=totals.usage(reply.num_prompt_tokens, reply.n),
         choices=[
             ChatChoice(
                 index=i,
@@ -107,6 +104,7 @@ async def chat_completions() -> Response:
 
 async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
     totals = ChoiceTotals(reply.n)
+    is_delivered = False  # False in `finally`: the client left mid-stream (the generator was cancelled)
     try:
         yield b""  # sentinel (framing.primed)
         for i in range(reply.n):  # one choice per chunk, as OpenAI streams n > 1
@@ -123,14 +121,16 @@ async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> A
             yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=output.text),
                                                logprobs=logprobs, finish_reason=finish)])  # type: ignore[arg-type]
         if include_usage:
-            yield reply.chunk([], usage=reply.usage(totals.completion_tokens))
+            yield reply.chunk([], usage=totals.usage(reply.num_prompt_tokens, reply.n))
         yield SSE_DONE
+        is_delivered = True
     except Exception as exc:  # the engine failed mid-stream: the status is sent already, report in-band
         _, detail = describe_exception(exc)
         yield sse_error(detail)
         yield SSE_DONE
+        is_delivered = True
     finally:
         stream.close()
-        elapsed_s = reply.trace.finish()
+        elapsed_s = reply.trace.finish(is_disconnected=not is_delivered)
         log.info("%s stream ended after %.3f s: %d completion tokens, finish %s", reply.id, elapsed_s,
                  totals.completion_tokens, totals.finish_reasons)

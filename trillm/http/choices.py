@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from trillm.protocol.api import CompletionOutput, TextCodec, TokenLogprob
-from trillm.http.schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from trillm.http.schemas import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptTokensDetails,
+    TopLogprob,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +41,13 @@ class ChoiceTotals:
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(num_choices)]
         self.finish_reasons: list[str | None] = [None] * num_choices
         self.num_prompt_tokens = [0] * num_choices
+        self.num_cached_tokens = [0] * num_choices
 
     def add(self, index: int, output: CompletionOutput) -> None:
         self.texts[index].append(output.text)
         self.num_output_tokens[index] = output.num_output_tokens  # cumulative in CompletionOutput
         self.num_prompt_tokens[index] = output.num_prompt_tokens
+        self.num_cached_tokens[index] = output.num_cached_tokens
         self.logprobs[index].extend(output.logprobs)
         if output.finish_reason is not None:
             self.finish_reasons[index] = output.finish_reason.value
@@ -49,6 +58,20 @@ class ChoiceTotals:
     @property
     def completion_tokens(self) -> int:
         return sum(self.num_output_tokens)
+
+    def usage(self, num_prompt_tokens: int, n: int) -> Usage:
+        """The response's usage: the prompt once, completions summed, cached tokens of each prompt's first choice.
+
+        Choices are laid out prompt by prompt, `n` each; a prompt's cached count is its first choice's (the other
+        choices of the same prompt usually reuse the blocks that first one computed).
+        """
+        completion_tokens = self.completion_tokens
+        return Usage(
+            prompt_tokens=num_prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=num_prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.num_cached_tokens[::n])),
+        )
 
 
 async def collect_totals(

@@ -49,15 +49,13 @@ class _Reply:
     created: int
     model: str
     num_choices: int
+    n: int  # choices per prompt
     num_prompt_tokens: int
     num_top_logprobs: int | None
     echo_texts: list[str]  # per choice: the text to prepend ("" without echo)
     tokenizer: Any
     trace: RequestTrace
 
-    def usage(self, completion_tokens: int) -> Usage:
-        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self.num_prompt_tokens + completion_tokens)
 
     def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         return sse_event(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
@@ -104,7 +102,7 @@ async def completions() -> Response:
     sampling = sampling_params(body, tokenizer.generation_defaults, tokenizer.vocab_size, max_tokens=max_tokens,
                                logprobs=body.logprobs)
     reply = _Reply(id=f"cmpl-{secrets.token_hex(12)}", created=int(time.time()), model=engine.model_name,
-                   num_choices=len(prompts) * body.n, num_prompt_tokens=sum(map(len, prompts)),
+                   num_choices=len(prompts) * body.n, n=body.n, num_prompt_tokens=sum(map(len, prompts)),
                    num_top_logprobs=body.logprobs, echo_texts=_echo_texts(tokenizer, body, prompts),
                    tokenizer=tokenizer, trace=state.metrics.trace("completions"))
     log.info("%s completion: %d prompt(s), %d prompt tokens, n=%d, stream=%s, %s, prompt=%s", reply.id,
@@ -131,13 +129,14 @@ async def completions() -> Response:
         choices.append(CompletionChoice(index=i, text=reply.echo_texts[i] + totals.text(i), logprobs=logprobs,
                                         finish_reason=totals.finish_reasons[i]))  # type: ignore[arg-type]
     answer = CompletionResponse(id=reply.id, created=reply.created, model=reply.model, choices=choices,
-                                usage=reply.usage(totals.completion_tokens))
+                                usage=totals.usage(reply.num_prompt_tokens, reply.n))
     return Response(encode(answer), content_type="application/json")
 
 
 async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
     totals = ChoiceTotals(reply.num_choices)
     offsets = [len(text) for text in reply.echo_texts]  # logprobs text_offset per choice
+    is_delivered = False  # False in `finally`: the client left mid-stream (the generator was cancelled)
     try:
         yield b""  # sentinel (framing.primed)
         for i, text in enumerate(reply.echo_texts):  # one choice per chunk
@@ -156,13 +155,15 @@ async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> A
             yield reply.chunk([CompletionChoice(index=index, text=output.text, logprobs=logprobs,
                                                 finish_reason=finish)])  # type: ignore[arg-type]
         if include_usage:
-            yield reply.chunk([], usage=reply.usage(totals.completion_tokens))
+            yield reply.chunk([], usage=totals.usage(reply.num_prompt_tokens, reply.n))
         yield SSE_DONE
+        is_delivered = True
     except Exception as exc:  # the engine failed mid-stream: the status is sent already, report in-band
         _, detail = describe_exception(exc)
         yield sse_error(detail)
         yield SSE_DONE
+        is_delivered = True
     finally:
         stream.close()
-        elapsed_s = reply.trace.finish()
+        elapsed_s = reply.trace.finish(is_disconnected=not is_delivered)
         log.info("%s stream ended after %.3f s: %d completion tokens", reply.id, elapsed_s, totals.completion_tokens)

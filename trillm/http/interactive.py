@@ -102,6 +102,7 @@ async def chat_interactive() -> Response:
 
 
 async def _lines(stream: ChoiceStream, session_id: int, trace: RequestTrace) -> AsyncGenerator[bytes, None]:
+    is_delivered = False  # False in `finally`: the client left mid-stream
     try:
         yield b""  # sentinel (framing.primed)
         async for _, output in stream:
@@ -112,9 +113,11 @@ async def _lines(stream: ChoiceStream, session_id: int, trace: RequestTrace) -> 
             yield ndjson_line(_answer(session_id, text=output.text, tokens=output.num_output_tokens,
                                       input_tokens=_input_tokens(output), history_tokens=output.num_history_tokens,
                                       finish_reason=finish))
+        is_delivered = True
     except Exception as exc:  # the engine failed mid-turn: the status is sent already, report in-band
         _, detail = describe_exception(exc)
         yield ndjson_line(ErrorResponse(error=detail))
+        is_delivered = True
     finally:
         stream.close()
-        trace.finish()
+        trace.finish(is_disconnected=not is_delivered)

@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from trillm.protocol.api import EngineStats
+
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -32,7 +34,7 @@ _TOKEN_LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2,
 class _EngineCollector(Collector):
     """Reads `Engine.statistics()` on each scrape; exports nothing while no engine is up."""
 
-    def __init__(self, read_stats: Callable[[], Any | None], model_name: Callable[[], str]) -> None:
+    def __init__(self, read_stats: Callable[[], EngineStats | None], model_name: Callable[[], str]) -> None:
         self._read_stats = read_stats
         self._model_name = model_name
 
@@ -61,6 +63,12 @@ class _EngineCollector(Collector):
         yield counter("trillm:prompt_tokens", "Prompt tokens of admitted sequences.", stats.prompt_tokens_total)
         yield counter("trillm:computed_prompt_tokens", "Prompt tokens actually prefilled (not reused from cache).",
                       stats.computed_prompt_tokens_total)
+        yield counter("trillm:cached_prompt_tokens", "Prompt tokens reused from the prefix cache or a session's parked "
+                      "KV instead of computed.", stats.cached_prompt_tokens_total)
+        yield counter("trillm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache (full blocks).",
+                      stats.prefix_cache_query_tokens_total)
+        yield counter("trillm:prefix_cache_hits", "Prompt tokens found in the prefix cache (hit rate: hits / queries).",
+                      stats.prefix_cache_hit_tokens_total)
         yield counter("trillm:generation_tokens", "Generated tokens.", stats.generation_tokens_total)
         yield counter("trillm:num_preemptions", "Sequences preempted for lack of KV blocks.", stats.num_preemptions)
         # Gateway API Inference Extension (endpoint picker) defaults: same values, vLLM's names.
@@ -70,6 +78,21 @@ class _EngineCollector(Collector):
         yield gauge("vllm:kv_cache_usage_perc", "Alias of trillm:kv_cache_usage_perc (fraction 0-1).", kv_usage)
         yield gauge("vllm:gpu_cache_usage_perc", "Alias of trillm:kv_cache_usage_perc (older EPP default).",
                     kv_usage)
+
+
+class _ListenCollector(Collector):
+    """Exports the kernel's count of connections dropped at a full listen queue since start-up (listening.py)."""
+
+    def __init__(self, read_listen_drops: Callable[[], int | None]) -> None:
+        self._read = read_listen_drops
+
+    def collect(self) -> Iterator[Metric]:
+        num_dropped = self._read()
+        if num_dropped is not None:
+            yield CounterMetricFamily(
+                "trillm:listen_drops", "Connections the kernel dropped at a full listen queue since start-up (this "
+                "network namespace: raise --backlog).", value=num_dropped,
+            )
 
 
 class RequestTrace:
@@ -89,12 +112,21 @@ class RequestTrace:
             self._metrics.time_to_first_token.observe(self.first_token_s - self.start_s)
         self.num_output_tokens += num_tokens
 
-    def finish(self) -> float:
-        """Record the end-to-end latency (once) and return it in seconds."""
+    def finish(self, *, is_disconnected: bool = False) -> float:
+        """Record the end-to-end latency (once) and return it in seconds.
+
+        `is_disconnected`: the client closed the connection before the response ended (its sequences are aborted and
+        their KV freed by the stream's close); counted in `trillm:client_disconnects` and logged, not in the latencies.
+        """
         elapsed_s = time.perf_counter() - self.start_s
         if self._is_finished:
             return elapsed_s
         self._is_finished = True
+        if is_disconnected:
+            self._metrics.client_disconnects.labels(endpoint=self.endpoint).inc()
+            log.info("%s: the client disconnected after %.3f s and %d tokens; its request was aborted",
+                     self.endpoint, elapsed_s, self.num_output_tokens)
+            return elapsed_s
         self._metrics.e2e_latency.observe(elapsed_s)
         if self.first_token_s is not None and self.num_output_tokens > 1:
             per_token_s = (time.perf_counter() - self.first_token_s) / (self.num_output_tokens - 1)
@@ -105,7 +137,8 @@ class RequestTrace:
 class ServerMetrics:
     """The registry of one app (each app has its own, so tests can build many)."""
 
-    def __init__(self, read_stats: Callable[[], Any | None], model_name: Callable[[], str]) -> None:
+    def __init__(self, read_stats: Callable[[], EngineStats | None], model_name: Callable[[], str],
+                 read_listen_drops: Callable[[], int | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("trillm:http_requests", "HTTP requests by route and status.",
                                 ["endpoint", "status"], registry=self.registry)
@@ -116,7 +149,10 @@ class ServerMetrics:
                                                buckets=_TOKEN_LATENCY_BUCKETS_S, registry=self.registry)
         self.e2e_latency = Histogram("trillm:e2e_request_latency_seconds", "Request latency, arrival to last token.",
                                      buckets=_LATENCY_BUCKETS_S, registry=self.registry)
+        self.client_disconnects = Counter("trillm:client_disconnects", "Streams whose client closed the connection "
+                                          "before the response ended.", ["endpoint"], registry=self.registry)
         self.registry.register(_EngineCollector(read_stats, model_name))
+        self.registry.register(_ListenCollector(read_listen_drops))
 
     def trace(self, endpoint: str) -> RequestTrace:
         return RequestTrace(self, endpoint)

@@ -169,12 +169,20 @@ class EncodeRequest:
 
 
 @attrs.frozen(kw_only=True)
+class PromptTokensDetails:
+    """Where a request's prompt tokens came from (OpenAI's `usage.prompt_tokens_details`)."""
+
+    cached_tokens: int = 0  # prompt tokens whose KV was reused (prefix cache or a session's parked KV), not computed
+
+
+@attrs.frozen(kw_only=True)
 class Usage:
     """Token counts of one request: the prompt once, the completion summed over choices."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -16,6 +16,7 @@ from quart_trio import QuartTrio
 
 from trillm.config import ServerConfig
 from trillm.errors import EngineDeadError, EngineDrainingError, ModelNotFoundError
+from trillm.http.listening import ListenQueueWatch
 from trillm.http.metrics import ServerMetrics
 from trillm.http.schemas import encode
 from trillm.http.streams import ChoiceStream, OutputSource
@@ -38,7 +39,8 @@ class ServerState:
         self._idle.set()
         self._closing = trio.Event()
         self._closed = trio.Event()
-        self.metrics = ServerMetrics(self._read_stats, self._model_name)
+        self.listen_watch = ListenQueueWatch(config.backlog)
+        self.metrics = ServerMetrics(self._read_stats, self._model_name, lambda: self.listen_watch.num_dropped)
 
     # ---------------------------------------------------------------- engine lifetime
 

@@ -49,6 +49,7 @@ class BlockManagerStats:
     """BlockManager.statistics(): a snapshot of the pool."""
 
     num_total_blocks: int
+    block_size: int  # tokens per block
     num_free_blocks: int  # free + evictable: what `allocate` can hand out
     num_used_blocks: int
     num_cached_blocks: int  # registered in the prefix cache (used or evictable)
@@ -103,6 +104,7 @@ class BlockManager:
         num_free = self.num_free_blocks
         return BlockManagerStats(
             num_total_blocks=self.num_blocks,
+            block_size=self.block_size,
             num_free_blocks=num_free,
             num_used_blocks=self.num_blocks - num_free,
             num_cached_blocks=len(self._block_of_hash),

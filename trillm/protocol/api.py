@@ -180,7 +180,9 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     computed_prompt_tokens_total: int  # prompt tokens actually prefilled (not reused from parked or cached KV)
-    cached_prompt_tokens_total: int
+    cached_prompt_tokens_total: int  # prompt tokens reused from the prefix cache or a session's parked KV
+    prefix_cache_query_tokens_total: int  # prompt tokens looked up in the prefix cache (full blocks)
+    prefix_cache_hit_tokens_total: int  # of those, found cached
     num_preemptions: int
     steps: int
 
