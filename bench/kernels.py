@@ -1,4 +1,4 @@
-"""Kernel benchmark: each CUDA kernel of trillm/gpu/kernels.py timed on Llama-2-7B / Llama-3-8B shapes.
+"""Kernel benchmark: each CUDA kernel of trillm/gpu/kernels/ timed on Llama-2-7B / Llama-3-8B shapes.
 
 Method (docs/perf.md, PERF.md "How to measure"): CUDA events after warm-up, the median of many runs; every call of a
 rotation reads its own inputs, and one rotation moves more than 3x the 50 MB L2, so no call is served from L2.

@@ -1,4 +1,4 @@
-"""Kernel tests: every CUDA kernel of trillm/gpu/kernels.py against gpu/reference.py computed in float64.
+"""Kernel tests: every CUDA kernel of trillm/gpu/kernels/ against gpu/reference.py computed in float64.
 
 Two backends run the same tests: `cuda` (CuPy on a GPU, `gpu` marker) and `emulator`: the same .cu sources built
 as host C++ against gpu/kernels/emulate.cuh (a CPU model of thread blocks, warps, cp.async, ldmatrix and mma.sync)
@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from trillm.gpu import kernels, reference
+from trillm.gpu.kernels import arguments as kernel_arguments
 
 PUBLIC_OPS = (
     "rms_norm",
@@ -256,7 +257,7 @@ def dev(backend_device: torch.device, monkeypatch: pytest.MonkeyPatch) -> torch.
     def poisoned(shape: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(kernels, "_empty", poisoned)
+    monkeypatch.setattr(kernel_arguments, "empty", poisoned)
     return backend_device
 
 

@@ -14,7 +14,8 @@ from trillm.protocol.api import SamplingParams
 from trillm.protocol.step import PREVIOUS_TOKEN, RankReady, SampleSpec, SeqStep, Shutdown, StepPlan
 from trillm.errors import ModelLoadError
 from trillm.gpu.rank import recv_message, send_message
-from trillm.gpu.runner import ModelRunner, plan_num_blocks
+from trillm.gpu.kv_cache import plan_num_blocks
+from trillm.gpu.runner import ModelRunner
 
 GREEDY = SampleSpec(sampling=SamplingParams(temperature=0.0), output_index=0)
 

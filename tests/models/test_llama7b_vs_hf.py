@@ -28,7 +28,8 @@ import torch
 from trillm.protocol.api import SamplingParams
 from trillm.protocol.step import SampleSpec, SeqStep, StepPlan
 from trillm.config import RunnerConfig
-from trillm.gpu.runner import RANDOM_SEED, ModelRunner
+from trillm.gpu.model_builder import RANDOM_SEED
+from trillm.gpu.runner import ModelRunner
 from trillm.models.llama import checkpoint_shapes
 from trillm.models.presets import preset_config, random_weights
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from trillm.protocol.step import SeqStep
-from trillm.models.llama import AttnMeta
+from trillm.models.layers import AttnMeta
 
 log = logging.getLogger(__name__)
 

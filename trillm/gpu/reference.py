@@ -1,6 +1,6 @@
 """Reference ops: plain-torch implementations of every hot kernel, the CPU path and the test oracle.
 
-Each function has the same signature as its CuPy wrapper in `gpu/kernels.py`. They compute in float32 (or float64
+Each function has the same signature as its CuPy wrapper in `gpu/kernels/`. They compute in float32 (or float64
 when given float64 inputs, which is how kernel tests use them) and return the input dtype.
 
 Layouts shared with the CUDA kernels:

@@ -1,13 +1,13 @@
 """Llama family model: Llama 2/3, Mistral, Qwen2 and SmolLM2 as one tensor-parallel torch module over paged KV.
 
-Runs outside the event loop, inside a rank process. The model never touches a global: the op set (`ops`: the
-`trillm.gpu.reference` module on CPU, the CUDA kernels module on GPU, same function names) and the rank's place in the
+Runs outside the event loop, inside a rank process. The blocks below compose the tensor-parallel layers of
+`models/layers.py`; like them, the model never touches a global: the op set (`ops`) and the rank's place in the
 tensor-parallel group are constructor arguments, and per-step attention metadata arrives as a frozen `AttnMeta`.
 
 Tensor parallelism (Megatron style): q/k/v and gate/up are column-parallel (each rank holds a slice of the heads and
 of the FFN), o_proj and down_proj are row-parallel and followed by an all-reduce. The embedding and lm_head stay
-replicated on every rank (simple; costs vocab × hidden per rank). Parameter names are the Hugging Face checkpoint
-names, except for the two fusions declared once in `packed_modules_mapping`.
+replicated on every rank. Parameter names are the Hugging Face checkpoint names, except for the two fusions declared
+once in `packed_modules_mapping`.
 
 Architectures differ only in config: Qwen2 has q/k/v biases, SmolLM2 ties lm_head to the embedding, Llama 3 scales
 its rotary frequencies ("llama3" rope scaling), Mistral's sliding window caps the usable context (no windowed
@@ -17,8 +17,7 @@ attention here).
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -27,24 +26,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from trillm.errors import ModelLoadError
+from trillm.models.layers import (
+    AllReduce,
+    AttnMeta,
+    ColumnParallelLinear,
+    KVCache,
+    PackedModulesMapping,
+    ReplicatedEmbedding,
+    RMSNorm,
+    RowParallelLinear,
+    build_cos_sin_cache,
+    load_sharded_weights,
+    no_all_reduce,
+)
 
 log = logging.getLogger(__name__)
 
-AllReduce = Callable[[torch.Tensor], torch.Tensor]
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, num_kv_heads, block_size, head_dim]
-
 # HF checkpoint name → (our fused parameter's module name, shard id). The only place fusions are declared.
-packed_modules_mapping: dict[str, tuple[str, str | int]] = {
+packed_modules_mapping: PackedModulesMapping = {
     "q_proj": ("qkv_proj", "q"),
     "k_proj": ("qkv_proj", "k"),
     "v_proj": ("qkv_proj", "v"),
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
-
-
-def _no_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 @attrs.frozen(kw_only=True)
@@ -108,20 +113,6 @@ class LlamaArgs:
         return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
 
-@attrs.frozen(kw_only=True)
-class AttnMeta:
-    """Runner → model, once per step: where this step's tokens go in the paged KV cache and what they attend to.
-
-    The runner builds these tensors fresh for each step (or points them at its CUDA-graph static buffers); the
-    model only reads them.
-    """
-
-    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding (write nothing)
-    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
-    context_lens: torch.Tensor  # [num_seqs] int32: cached positions including this step's tokens
-    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32: sequence s owns token rows cu[s] .. cu[s+1]
-    is_decode: bool  # every sequence has exactly one token: tokens and sequences are the same rows
-
 
 def checkpoint_shapes(args: LlamaArgs) -> dict[str, tuple[int, ...]]:
     """Every HF checkpoint tensor this model loads, with its full (unsharded) shape."""
@@ -152,100 +143,6 @@ def checkpoint_shapes(args: LlamaArgs) -> dict[str, tuple[int, ...]]:
             if a.mlp_bias:
                 shapes[f"{p}mlp.{name}.bias"] = (rows,)
     return shapes
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Rotary embedding
-
-
-def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:  # [head_dim // 2] float32
-    """Rotary inverse frequencies with the config's scaling, computed like transformers (float32)."""
-    dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = dict(args.rope_scaling)
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "linear":
-        return inv_freq / float(scaling["factor"])
-    if rope_type != "llama3":
-        return inv_freq
-    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_len = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)  # long wavelengths: slowed down
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-def build_cos_sin_cache(args: LlamaArgs, max_positions: int, device: torch.device) -> torch.Tensor:
-    """[max_positions, head_dim] float32: cos in the first half, sin in the second (reference.py's layout)."""
-    inv_freq = rope_inv_freq(args).to(device)
-    positions = torch.arange(max_positions, device=device, dtype=torch.float32)
-    freqs = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Tensor-parallel linear layers
-
-
-class ColumnParallelLinear(nn.Module):
-    """y = x Wᵀ with W's output rows split across ranks; shards of fused checkpoint tensors load side by side.
-
-    `shard_sizes` maps a shard id to its full (unsplit) output size, in the order the shards sit in the fused weight.
-    """
-
-    def __init__(
-        self, in_features: int, shard_sizes: dict[str | int, int], *, bias: bool, rank: int, world_size: int
-    ) -> None:
-        super().__init__()
-        for shard_id, size in shard_sizes.items():
-            if size % world_size:
-                raise ModelLoadError(
-                    f"tensor parallelism {world_size} does not divide output size {size} (shard {shard_id!r})"
-                )
-        self.rank, self.world_size = rank, world_size
-        self.shard_offsets: dict[str | int, tuple[int, int]] = {}  # shard id → (offset, size) within this rank's rows
-        offset = 0
-        for shard_id, size in shard_sizes.items():
-            self.shard_offsets[shard_id] = (offset, size // world_size)
-            offset += size // world_size
-        self.weight = nn.Parameter(torch.empty(offset, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(offset), requires_grad=False) if bias else None
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None) -> None:
-        offset, size = self.shard_offsets[shard_id] if shard_id is not None else (0, param.shape[0])
-        rows = loaded.narrow(0, self.rank * size, size)  # this rank's rows of the full tensor
-        param.data.narrow(0, offset, size).copy_(rows)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class RowParallelLinear(nn.Module):
-    """y = all_reduce(x_r W_rᵀ) with W's input columns split across ranks; the bias is added once, on rank 0."""
-
-    def __init__(
-        self, in_features: int, out_features: int, *, bias: bool, rank: int, world_size: int, all_reduce: AllReduce
-    ) -> None:
-        super().__init__()
-        if in_features % world_size:
-            raise ModelLoadError(f"tensor parallelism {world_size} does not divide input size {in_features}")
-        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // world_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None) -> None:
-        if param is self.bias:
-            param.data.copy_(loaded)
-            return
-        size = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.rank * size, size))  # this rank's columns
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias if self.rank == 0 else None)
-        return self.all_reduce(out) if self.world_size > 1 else out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -327,14 +224,6 @@ class LlamaMLP(nn.Module):
         return out
 
 
-class RMSNorm(nn.Module):
-    """Holds an RMSNorm weight; the op (with its fused residual add) comes from the op set."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
-
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm transformer block; the residual stream is carried beside the hidden state for the fused norm."""
@@ -369,16 +258,6 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class ReplicatedEmbedding(nn.Module):
-    """A [vocab, hidden] table held whole by every rank: the token embedding, or the lm_head used as a linear."""
-
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
-        return F.embedding(input_ids, self.weight)
-
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
@@ -406,7 +285,7 @@ class LlamaForCausalLM(nn.Module):
         ops: Any,
         rank: int = 0,
         world_size: int = 1,
-        all_reduce: AllReduce = _no_all_reduce,
+        all_reduce: AllReduce = no_all_reduce,
         max_positions: int | None = None,
     ) -> None:
         super().__init__()
@@ -415,7 +294,15 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if args.tie_word_embeddings else ReplicatedEmbedding(args.vocab_size, args.hidden_size)
         positions = max_positions or args.max_position_embeddings
         self.register_buffer(
-            "cos_sin_cache", build_cos_sin_cache(args, positions, torch.empty(0).device), persistent=False
+            "cos_sin_cache",
+            build_cos_sin_cache(
+                head_dim=args.head_dim,
+                rope_theta=args.rope_theta,
+                rope_scaling=args.rope_scaling,
+                max_positions=positions,
+                device=torch.empty(0).device,
+            ),
+            persistent=False,
         )
 
     def forward(
@@ -435,39 +322,10 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into this rank's (possibly fused, sharded) parameters."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.args.tie_word_embeddings):
-                continue
-            module_name, _, param_kind = name.rpartition(".")  # e.g. "model.layers.0.self_attn.q_proj", "weight"
-            parent, _, leaf = module_name.rpartition(".")
-            shard_id: str | int | None = None
-            if leaf in packed_modules_mapping:
-                fused, shard_id = packed_modules_mapping[leaf]
-                module_name = f"{parent}.{fused}"
-            target = f"{module_name}.{param_kind}"
-            if target not in params:
-                raise ModelLoadError(f"checkpoint tensor {name!r} has no place in {self.args.architecture}")
-            param = params[target]
-            owner = self.get_submodule(module_name)
-            loader = getattr(owner, "weight_loader", None)
-            if loader is not None:
-                loader(param, tensor, shard_id)
-            else:
-                param.data.copy_(tensor)
-            loaded.add(target if shard_id is None else f"{target}:{shard_id}")
-        self._check_complete(params, loaded)
 
-    def _check_complete(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
-        expected: set[str] = set()
-        for name in params:
-            module_name, _, kind = name.rpartition(".")
-            owner = self.get_submodule(module_name)
-            if isinstance(owner, ColumnParallelLinear):
-                expected.update(f"{name}:{s}" for s in owner.shard_offsets)
-            else:
-                expected.add(name)
-        missing = sorted(expected - loaded)
-        if missing:
-            raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:4])}")
+        def is_skipped(name: str) -> bool:
+            return "rotary_emb.inv_freq" in name or (name == "lm_head.weight" and self.args.tie_word_embeddings)
+
+        load_sharded_weights(
+            self, weights, packed_modules_mapping, architecture=self.args.architecture, is_skipped=is_skipped
+        )
