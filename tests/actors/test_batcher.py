@@ -141,9 +141,11 @@ async def test_closing_the_inbox_mid_generation_collects_the_steps_in_flight_fir
         await inbox.send(submit(1, send, 50))
         first = await receive.receive()
         assert first.token_ids
-        await trio.sleep(0.05)  # the next step is in flight, held by the runner
+        await trio.testing.wait_all_tasks_blocked()  # the next step is in flight, held by the runner
+        assert scheduler.num_in_flight == (2 if overlap else 1)
         inbox.close()  # engine shutdown with a step in flight: its answer must find an open channel
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
+        assert scheduler.num_in_flight == (2 if overlap else 1)  # nothing moves until the runner steps
         runner.allow(2)
     events = [first] + [event async for event in receive]
     assert events[-1].error == "the engine stopped"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from trillm.protocol.api import SamplingParams
 from trillm.protocol.step import SampleSpec
-from trillm.gpu.sampling import sample
+from trillm.gpu.sampling import _draw, sample
 
 VOCAB = 32
 
@@ -58,9 +58,25 @@ def test_negative_and_huge_seeds_are_accepted() -> None:
 
 
 def test_top_k_one_equals_greedy() -> None:
-    logits = random_logits(8, seed=3)
-    specs = [spec(i, seed=i, top_k=1, temperature=1.5) for i in range(8)]
-    assert tokens(logits, specs) == logits.argmax(-1).tolist()
+    # `sample` sends top_k = 1 rows down the greedy branch (SamplingParams.is_greedy), so the top-k filter itself is
+    # checked through `_draw`: on its own (every row has a top_k: `topk`), and next to an unfiltered row (full sort).
+    # At temperature 5 the logits are nearly flat: without the filter, the noise would pick other tokens.
+    logits = random_logits(16, seed=3)
+    argmax = logits.argmax(-1).tolist()
+    specs = [spec(i, seed=i, top_k=1, temperature=5.0) for i in range(16)]
+    assert tokens(logits, specs) == argmax
+    assert _draw(logits, specs).tolist() == argmax
+    unfiltered = spec(16, seed=16, temperature=5.0)
+    assert _draw(torch.cat([logits, logits[:1]]), [*specs, unfiltered]).tolist()[:16] == argmax
+
+
+def test_top_k_draws_only_among_the_k_most_likely_tokens() -> None:
+    # Nearly flat logits, most likely first; rows of top_k 2 and 3 share a batch (the filter masks by rank).
+    logits = torch.linspace(0.0, -0.1, VOCAB).expand(300, VOCAB)
+    specs = [spec(0, seed=s, top_k=2 + s % 2) for s in range(300)]
+    drawn = tokens(logits, specs)
+    assert set(drawn[0::2]) == {0, 1}
+    assert set(drawn[1::2]) == {0, 1, 2}
 
 
 def test_tiny_top_p_is_argmax() -> None:

@@ -371,6 +371,45 @@ def test_the_newest_sequence_is_preempted_and_requeued_first() -> None:
         assert outputs.tokens[seq_id] == expected(prompt_of(2, 100 * seq_id), 4)
 
 
+def test_a_preempted_sequence_is_readmitted_before_later_arrivals() -> None:
+    scheduler, runner = make(num_blocks=4, block_size=2, max_batch_size=2)
+    scheduler.add(1, prompt_of(2, 100), GREEDY, 6)
+    scheduler.add(2, prompt_of(2, 200), GREEDY, 6)
+    scheduler.add(3, prompt_of(2, 300), GREEDY, 1)  # waits for a batch slot; it would fit in one free block
+    outputs = drain(scheduler, runner)
+    # Seq 2 is preempted when seq 1 needs a block for position 4. Back at the front of the queue, seq 2 (prompt +
+    # 3 outputs: 3 blocks) holds up seq 3 until it fits again.
+    admissions = [(s.seq_id, s.num_tokens) for plan in runner.plans for s in plan.seqs if s.start_pos == 0]
+    assert admissions == [(1, 2), (2, 2), (2, 5), (3, 2)]
+    assert scheduler.statistics().num_preemptions == 1
+    for seq_id, max_new in ((1, 6), (2, 6), (3, 1)):
+        assert outputs.tokens[seq_id] == expected(prompt_of(2, 100 * seq_id), max_new)
+
+
+def test_a_step_that_preempts_admits_nothing() -> None:
+    scheduler, runner = make(num_blocks=6, block_size=2, prefix_caching=True)
+    # The same prompt: seq 2 shares seq 1's first block but computes private copies of the later ones (seq 1
+    # registered them first). Preempted, seq 2 frees those copies and would fit again at once by matching seq 1's.
+    scheduler.add(1, prompt_of(4), GREEDY, 8)
+    scheduler.add(2, prompt_of(4), GREEDY, 8)
+    outputs = Outputs()
+    for _ in range(3):  # driven in lockstep whatever the mode: a preempted sequence with a sample in flight waits
+        outputs.add(scheduler.apply(runner.step(scheduler.schedule())))  # type: ignore[arg-type]
+    plan = scheduler.schedule()  # seq 1 needs a block for position 6 and the pool is full: seq 2 is preempted
+    assert plan is not None and scheduler.statistics().num_preemptions == 1
+    assert [(s.seq_id, s.start_pos) for s in plan.seqs] == [(1, 6)]
+    assert scheduler.sequence(2).status is SeqStatus.PREEMPTED  # type: ignore[union-attr]
+    outputs.add(scheduler.apply(runner.step(plan)))
+    plan = scheduler.schedule()
+    assert plan is not None and [(s.seq_id, s.start_pos) for s in plan.seqs] == [(1, 7), (2, 6)]
+    outputs.add(scheduler.apply(runner.step(plan)))
+    while (plan := scheduler.schedule()) is not None:
+        outputs.add(scheduler.apply(runner.step(plan)))
+    assert scheduler.statistics().num_preemptions == 2
+    assert outputs.tokens[1] == outputs.tokens[2] == expected(prompt_of(4), 8)
+    assert_all_free(scheduler)
+
+
 # -- parked session KV -------------------------------------------------------------------------------------------------
 
 
@@ -416,6 +455,28 @@ def test_parked_kv_is_reused_only_up_to_the_common_prefix() -> None:
     outputs.add(scheduler.apply(runner.step(plan)))  # type: ignore[arg-type]
     drain(scheduler, runner, outputs)
     assert outputs.tokens[2] == expected(diverging, 3)
+
+
+def test_a_turn_diverging_inside_a_prefix_cached_block_leaves_the_cached_kv_intact() -> None:
+    scheduler, runner = make(block_size=4, prefix_caching=True)
+    first = prompt_of(10)
+    run_turn(scheduler, runner, 1, first, 2)  # parks 11 computed tokens; blocks 0 and 1 are full and prefix-cached
+    diverging = first[:6] + (700,)  # the common prefix ends at position 6, inside cached block 1
+    scheduler.add(2, diverging, GREEDY, 1, session_id=7, keep_kv=True)
+    plan = scheduler.schedule()
+    # Block 1 is shared with the prefix cache: the turn recomputes positions 4-6 into a private block instead of
+    # writing position 6 of block 1.
+    assert plan is not None and (plan.seqs[0].start_pos, plan.seqs[0].token_ids) == (4, (104, 105, 700))
+    assert plan.seqs[0].block_table[1] != runner.plans[0].seqs[0].block_table[1]
+    outputs = Outputs()
+    outputs.add(scheduler.apply(runner.step(plan)))
+    drain(scheduler, runner, outputs)
+    assert outputs.tokens[2] == expected(diverging, 1)
+    # Another request with turn 1's prompt reads blocks 0 and 1 from the cache: their KV is still turn 1's.
+    scheduler.add(3, first, GREEDY, 3)
+    outputs = drain(scheduler, runner)
+    assert outputs.events[0].num_cached_tokens == 8
+    assert outputs.tokens[3] == expected(first, 3)
 
 
 def test_resubmitting_the_same_prompt_recomputes_its_last_token() -> None:
