@@ -12,13 +12,13 @@ sampled for the seq_id in the latest plan that sampled it, forgetting seq_ids ab
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import attrs
 import pytest
 
-from trillm.protocol.api import TokenLogprob
+from trillm.protocol.api import CompletionOutput, TokenLogprob
 from trillm.protocol.step import PREVIOUS_TOKEN, KVCacheLayout, SampleSpec, SampledToken, StepPlan, StepResult
 from trillm.actors.batcher import BatcherActor
 from trillm.config import EngineConfig
@@ -204,3 +204,11 @@ def set_overlap_default(patch: pytest.MonkeyPatch, enabled: bool) -> None:
         defaults = function.__kwdefaults__
         assert defaults is not None and "enable_overlap" in defaults
         patch.setitem(defaults, "enable_overlap", enabled)
+
+
+async def take_tokens(outputs: AsyncIterator[CompletionOutput], num_tokens: int) -> list[CompletionOutput]:
+    """Outputs until they hold `num_tokens` tokens (a consumer that fell behind gets several tokens per output)."""
+    taken: list[CompletionOutput] = []
+    while sum(len(o.token_ids) for o in taken) < num_tokens:
+        taken.append(await outputs.__anext__())
+    return taken

@@ -1,4 +1,8 @@
-"""BatcherActor driven directly: delivery, a consumer that drops its channel, shutdown, idling."""
+"""BatcherActor driven directly: delivery, a consumer that drops its channel, shutdown, idling.
+
+The Batcher hands each step's events to `deliver`; here that is an EventRouter in the same loop (the Engine's
+arrangement when its core runs in the serving loop), whose per-sequence channels the tests read.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from trillm.actors.gpu_worker import InProcessWorkerActor
 from trillm.policy.kv_blocks import BlockManager
 from trillm.protocol.api import FinishReason, SamplingParams
 from trillm.protocol.step import StepPlan, StepResult, TokenEvent
-from trillm.actors.messages import BatcherInbox, ReleaseSession, Submit
+from trillm.actors.event_router import EventRouter
+from trillm.actors.messages import Abort, BatcherInbox, ReleaseSession, Submit
 from trillm.policy.scheduler import Scheduler
 from trillm.config import RunnerConfig
 
@@ -43,6 +48,11 @@ RUNNER_CONFIG = RunnerConfig(
 Running = tuple[BatcherActor, trio.MemorySendChannel[BatcherInbox], FakeRunner, Scheduler]
 
 
+def router_for(inbox: trio.MemorySendChannel[BatcherInbox]) -> EventRouter:
+    """A router that sends the Batcher an Abort when a sequence's receiver is gone, as the Engine does."""
+    return EventRouter(abort=lambda seq_id: inbox.send_nowait(Abort(seq_id=seq_id)))
+
+
 @asynccontextmanager
 async def running_batcher(*, use_thread: bool = False) -> AsyncIterator[Running]:
     runner = FakeRunner(num_blocks=16, block_size=4)
@@ -51,7 +61,9 @@ async def running_batcher(*, use_thread: bool = False) -> AsyncIterator[Running]
     plans_send, plans_receive = trio.open_memory_channel[StepPlan](1)
     results_send, results_receive = trio.open_memory_channel[StepResult](1)
     worker = InProcessWorkerActor(lambda _: runner, RUNNER_CONFIG, plans_receive, results_send, use_thread=use_thread)
-    batcher = BatcherActor(scheduler, inbox_receive, [plans_send], [results_receive])
+    router = router_for(inbox_send)
+    batcher = BatcherActor(scheduler, inbox_receive, [plans_send], [results_receive], deliver=router.deliver)
+    ROUTERS[id(inbox_send)] = router
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
         await nursery.start(batcher.run)
@@ -59,21 +71,26 @@ async def running_batcher(*, use_thread: bool = False) -> AsyncIterator[Running]
         inbox_send.close()
 
 
-def submit(seq_id: int, events: trio.MemorySendChannel[TokenEvent], max_new_tokens: int = 5, **fields: Any) -> Submit:
-    return Submit(
-        seq_id=seq_id,
-        prompt_token_ids=(100, 101, 102),
-        sampling=GREEDY,
-        max_new_tokens=max_new_tokens,
-        events=events,
-        **fields,
-    )
+ROUTERS: dict[int, EventRouter] = {}  # id(inbox) → the router of the batcher that reads it
+
+
+def submit(
+    inbox: trio.MemorySendChannel[BatcherInbox],
+    seq_id: int,
+    events: trio.MemorySendChannel[TokenEvent],
+    max_new_tokens: int = 5,
+    **fields: Any,
+) -> Submit:
+    """A Submit for the batcher reading `inbox`, its events routed to `events` (as Engine._open_request does)."""
+    ROUTERS[id(inbox)].register(seq_id, events)
+    return Submit(seq_id=seq_id, prompt_token_ids=(100, 101, 102), sampling=GREEDY, max_new_tokens=max_new_tokens,
+                  **fields)
 
 
 async def test_events_are_delivered_and_the_channel_closed_at_the_end() -> None:
     async with running_batcher() as (batcher, inbox, _, _):
         send, receive = trio.open_memory_channel[TokenEvent](10)
-        await inbox.send(submit(1, send, 3))
+        await inbox.send(submit(inbox, 1, send, 3))
         events = [event async for event in receive]  # ends: the Batcher closed the channel after the last event
         assert [len(e.token_ids) for e in events] == [1, 1, 1]
         assert [e.finish_reason for e in events] == [None, None, FinishReason.LENGTH]
@@ -89,7 +106,7 @@ async def test_an_idle_batcher_sleeps_on_its_inbox() -> None:
 async def test_a_dropped_channel_aborts_the_sequence_and_frees_its_blocks() -> None:
     async with running_batcher() as (batcher, inbox, _, scheduler):
         send, receive = trio.open_memory_channel[TokenEvent](100)
-        await inbox.send(submit(1, send, 50))
+        await inbox.send(submit(inbox, 1, send, 50))
         await receive.receive()
         receive.close()  # the consumer is gone mid-stream
         await trio.testing.wait_all_tasks_blocked()
@@ -102,7 +119,7 @@ async def test_a_dropped_channel_aborts_the_sequence_and_frees_its_blocks() -> N
 async def test_release_session_reaches_the_scheduler() -> None:
     async with running_batcher() as (batcher, inbox, _, _):
         send, receive = trio.open_memory_channel[TokenEvent](10)
-        await inbox.send(submit(1, send, 2, session_id=7, keep_kv=True))
+        await inbox.send(submit(inbox, 1, send, 2, session_id=7, keep_kv=True))
         assert [e async for e in receive][-1].finish_reason is FinishReason.LENGTH
         assert batcher.statistics().scheduler.num_parked_sessions == 1
         await inbox.send(ReleaseSession(session_id=7))
@@ -118,12 +135,13 @@ async def test_closing_the_inbox_fails_live_sequences_and_stops_the_workers() ->
     plans_send, plans_receive = trio.open_memory_channel[StepPlan](1)
     results_send, results_receive = trio.open_memory_channel[StepResult](1)
     worker = InProcessWorkerActor(lambda _: runner, RUNNER_CONFIG, plans_receive, results_send, use_thread=False)
-    batcher = BatcherActor(scheduler, inbox_receive, [plans_send], [results_receive])
+    ROUTERS[id(inbox_send)] = router = router_for(inbox_send)
+    batcher = BatcherActor(scheduler, inbox_receive, [plans_send], [results_receive], deliver=router.deliver)
     send, receive = trio.open_memory_channel[TokenEvent](200)
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
-        inbox_send.send_nowait(submit(1, send.clone(), 50))
-        inbox_send.send_nowait(submit(2, send.clone(), 50))  # waits: max_batch_size 1
+        inbox_send.send_nowait(submit(inbox_send, 1, send.clone(), 50))
+        inbox_send.send_nowait(submit(inbox_send, 2, send.clone(), 50))  # waits: max_batch_size 1
         inbox_send.close()  # drained first, then the loop ends
         await nursery.start(batcher.run)
     send.close()
@@ -138,7 +156,7 @@ async def test_closing_the_inbox_mid_generation_collects_the_steps_in_flight_fir
         runner.hold()
         runner.allow(1)
         send, receive = trio.open_memory_channel[TokenEvent](100)
-        await inbox.send(submit(1, send, 50))
+        await inbox.send(submit(inbox, 1, send, 50))
         first = await receive.receive()
         assert first.token_ids
         await trio.testing.wait_all_tasks_blocked()  # the next step is in flight, held by the runner

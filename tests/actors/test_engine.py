@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from fakes import EOS_ID, FakeRunner, FakeTokenizer, hash_next_token, reference_tokens
+from fakes import EOS_ID, FakeRunner, FakeTokenizer, hash_next_token, reference_tokens, take_tokens
 from trillm.actors.engine import Engine
 from trillm.actors.gpu_worker import resolve_device, runner_configs
 from trillm.protocol.api import CompletionOutput, FinishReason, GenerateRequest, SamplingParams
@@ -125,8 +127,10 @@ async def test_greedy_request_yields_tokens_text_and_counts() -> None:
         want = expected(PROMPT, 6)
         assert tokens_of(outputs) == want
         assert text_of(outputs) == TOKENIZER.decode(want)
-        assert [o.finish_reason for o in outputs] == [None] * 5 + [FinishReason.LENGTH]
-        assert [o.num_output_tokens for o in outputs] == [1, 2, 3, 4, 5, 6]
+        # One output per step while the consumer keeps up; tokens that piled up behind a slow consumer come as one.
+        assert [o.finish_reason for o in outputs] == [None] * (len(outputs) - 1) + [FinishReason.LENGTH]
+        counts = [o.num_output_tokens for o in outputs]
+        assert counts == list(itertools.accumulate(len(o.token_ids) for o in outputs)) and counts[-1] == 6
         assert {o.num_prompt_tokens for o in outputs} == {7} and {o.num_history_tokens for o in outputs} == {0}
         stats = engine.statistics()
         assert (stats.prompt_tokens_total, stats.computed_prompt_tokens_total) == (7, 7)
@@ -204,7 +208,7 @@ async def test_logprobs_pass_through() -> None:
     async with open_engine() as (engine, _):
         sampling = SamplingParams(temperature=0.0, max_tokens=2, logprobs=1)
         outputs = await collect(engine, request(PROMPT, sampling=sampling))
-        assert [o.logprobs[0].token_id for o in outputs] == tokens_of(outputs)
+        assert [entry.token_id for o in outputs for entry in o.logprobs] == tokens_of(outputs)
 
 
 # -- validation ------------------------------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ async def test_requests_join_and_leave_the_batch_at_step_boundaries(overlap: boo
         runner.hold()
         runner.allow(3)
         async with engine.generate(request(PROMPT, 12)) as outputs_a:
-            first = [await outputs_a.__anext__() for _ in range(3)]
+            first = await take_tokens(outputs_a, 3)
             async with engine.generate(request(prompt_b, 4)) as outputs_b:
                 runner.allow(1000)
                 rest_b = [o async for o in outputs_b]
@@ -361,3 +365,15 @@ async def test_aborts_with_a_step_in_flight_free_every_block(overlap: bool) -> N
         assert tokens_of(kept) == expected(PROMPT, 6)
         stats = engine.statistics()
         assert stats.num_free_blocks == stats.num_total_blocks
+
+
+async def test_tokens_that_pile_up_behind_a_slow_consumer_come_out_as_one_output() -> None:
+    async with open_engine() as (engine, runner):
+        async with engine.generate(request(PROMPT, 6)) as outputs:
+            await trio.testing.wait_all_tasks_blocked()  # the engine ran every step; this consumer read nothing
+            assert len(runner.plans) == 6
+            received = [o async for o in outputs]
+        assert len(received) == 1 and received[0].num_output_tokens == 6
+        assert received[0].finish_reason is FinishReason.LENGTH
+        assert tokens_of(received) == expected(PROMPT, 6)
+        assert text_of(received) == TOKENIZER.decode(expected(PROMPT, 6))

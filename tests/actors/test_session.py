@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from fakes import EOS_ID, FakeRunner, FakeTokenizer, hash_next_token, reference_tokens
+from fakes import EOS_ID, FakeRunner, FakeTokenizer, hash_next_token, reference_tokens, take_tokens
 from trillm.actors.engine import Engine
 from trillm.protocol.api import CompletionOutput, FinishReason, GenerateRequest, InteractiveTurn, SamplingParams
 from trillm.protocol.step import SampleSpec
@@ -109,7 +109,7 @@ async def test_cancel_stops_the_turn_and_keeps_its_partial_output() -> None:
         runner.allow(3)
         prompt = first_turn_ids("tell me a long story")
         async with turn_context(engine, "tell me a long story", max_tokens=100) as outputs:
-            received = [await outputs.__anext__() for _ in range(3)]
+            received = await take_tokens(outputs, 3)
             await engine.cancel_session(1)
             runner.allow(1000)
             received += [o async for o in outputs]

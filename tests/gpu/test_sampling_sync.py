@@ -7,8 +7,6 @@ top-k, top-p and min-p draws.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -18,16 +16,6 @@ from trillm.protocol.step import SampleSpec
 
 pytestmark = pytest.mark.gpu
 VOCAB = 1000
-
-
-@pytest.fixture
-def sync_is_an_error() -> Iterator[None]:
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def specs() -> list[SampleSpec]:
@@ -42,14 +30,24 @@ def specs() -> list[SampleSpec]:
     ]
 
 
-def test_processing_and_drawing_run_without_a_host_sync(sync_is_an_error: None) -> None:
+STAGES = {
+    "logit_bias": lambda logits, batch: sampling._apply_logit_bias(logits, batch),
+    "penalties": lambda logits, batch: sampling._apply_penalties(logits, batch),
+    "stop_masking": lambda logits, batch: sampling._mask_stop_tokens(logits, batch),
+    "draw": lambda logits, batch: sampling._draw(logits[1:], batch[1:]),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_each_stage_runs_without_a_host_sync(stage: str) -> None:
     batch = specs()
     logits = torch.randn(len(batch), VOCAB, device="cuda")
-    sampling._apply_logit_bias(logits, batch)
-    sampling._apply_penalties(logits, batch)
-    sampling._mask_stop_tokens(logits, batch)
-    drawn = sampling._draw(logits[1:], batch[1:])
-    assert drawn.device.type == "cuda"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        STAGES[stage](logits, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_masking_still_masks_after_the_non_blocking_copies() -> None:

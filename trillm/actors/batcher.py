@@ -5,9 +5,9 @@ send it to every worker, await every worker's StepResult (rank 0's carries the s
 acknowledgements), apply rank 0's result, and deliver the new tokens. Requests therefore join and leave the batch at
 step boundaries. With nothing to run it sleeps on its inbox.
 
-Delivery never waits on a client: each sequence's TokenEvent channel is buffered for every event it can produce
-(the Engine sizes it from the token budget), so `send_nowait` suffices. A channel whose receiver is closed means the
-client is gone: the sequence is aborted and its blocks are freed at once, before the next plan.
+Delivery never waits on a client: the Batcher hands each step's TokenEvents, all at once, to `deliver` (the Engine's
+EventRouter, reached from the core's thread through `run_sync_soon`), which puts them in the sequences' channels
+without waiting; a client that is gone comes back as an Abort in the inbox.
 
 Step overlap (`enable_overlap`, the default): at most two plans are in flight. The loop dispatches plan N+1 before
 it collects plan N — dispatch N, schedule and dispatch N+1, collect and apply N, schedule and dispatch N+2, collect
@@ -17,7 +17,7 @@ placeholders (scheduler.py says how it reconciles). When nothing can be planned 
 penalties) it collects first, which is the lockstep loop; `enable_overlap=False` always runs lockstep.
 
 When the loop ends — its inbox closed (engine shutdown) or an exception, typically a rank's EngineDeadError
-cancelling it — every live sequence gets a final TokenEvent with `error` set and its channel is closed.
+cancelling it — every live sequence gets a final TokenEvent with `error` set.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -58,6 +58,7 @@ class BatcherActor:
         plan_channels: Sequence[trio.MemorySendChannel[StepPlan]],
         result_channels: Sequence[trio.MemoryReceiveChannel[StepResult]],
         *,
+        deliver: Callable[[Sequence[TokenEvent]], None],
         enable_overlap: bool = True,
     ) -> None:
         assert plan_channels and len(plan_channels) == len(result_channels)
@@ -65,7 +66,8 @@ class BatcherActor:
         self._inbox = inbox
         self._plan_channels = list(plan_channels)  # rank order
         self._result_channels = list(result_channels)
-        self._events: dict[int, trio.MemorySendChannel[TokenEvent]] = {}  # live seq id → its TokenEvent channel
+        self._deliver_events = deliver
+        self._live: set[int] = set()  # seq ids submitted and not finished
         self._max_in_flight = 2 if enable_overlap else 1
         self._in_flight: collections.deque[StepPlan] = collections.deque()  # dispatched, not collected; oldest first
         self._busy_since = 0.0
@@ -145,7 +147,7 @@ class BatcherActor:
     def _handle(self, message: BatcherInbox) -> None:
         match message:
             case Submit():
-                self._events[message.seq_id] = message.events
+                self._live.add(message.seq_id)
                 event = self._scheduler.add(
                     message.seq_id,
                     message.prompt_token_ids,
@@ -184,37 +186,16 @@ class BatcherActor:
         return results[0]
 
     def _deliver(self, events: Sequence[TokenEvent]) -> None:
-        """Send events without waiting; a closed receiver aborts its sequence (the client is gone)."""
+        """Hand events to the requests (one call for a whole step); finished sequences leave the live set."""
+        if not events:
+            return
         for event in events:
-            channel = self._events.get(event.seq_id)
-            if channel is None:
-                continue
-            try:
-                channel.send_nowait(event)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                log.debug("seq %d: its receiver is gone, aborting", event.seq_id)
-                self._scheduler.abort(event.seq_id)
-                self._close(event.seq_id)
-                continue
-            except trio.WouldBlock:  # pragma: no cover - the Engine buffers every event a sequence can produce
-                log.error("seq %d: its event buffer is full, aborting", event.seq_id)
-                self._scheduler.abort(event.seq_id)
-                self._close(event.seq_id)
-                continue
             if event.finish_reason is not None:
-                self._close(event.seq_id)
-
-    def _close(self, seq_id: int) -> None:
-        channel = self._events.pop(seq_id, None)
-        if channel is not None:
-            channel.close()
+                self._live.discard(event.seq_id)
+        self._deliver_events(events)
 
     def _fail_all(self, error: str) -> None:
-        """Give every live sequence a final error event and close its channel (the requests fail with 503)."""
-        for seq_id, channel in self._events.items():
-            try:
-                channel.send_nowait(TokenEvent(seq_id=seq_id, error=error))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-                pass  # gone or full: closing the channel below ends the stream just the same
-            channel.close()
-        self._events.clear()
+        """Give every live sequence a final error event (the requests fail with 503)."""
+        if self._live:
+            self._deliver_events([TokenEvent(seq_id=seq_id, error=error) for seq_id in sorted(self._live)])
+        self._live.clear()

@@ -1,25 +1,34 @@
-"""Engine: starts and supervises the actors, and is the one API the HTTP layer calls.
+"""Engine: starts and supervises the actors, and is the one API the HTTP layer calls (the `EngineClient`).
 
 `Engine.open(config)` resolves the model, loads its tokenizer, spawns one GPUWorkerActor per tensor-parallel rank
 (each owns a rank process), builds the Scheduler over the KV layout the ranks report, and starts the BatcherActor —
 every actor with `await nursery.start(actor.run)`. Leaving the context shuts everything down.
 
+Two loops. The actors run in the engine core (`core.py`): by default a thread of its own with its own Trio loop, so
+the step loop never waits behind the serving loop's HTTP tasks (and tests with fake runners run it in the serving
+loop instead: `use_threads=False`). The Engine's methods run in the serving loop. Commands cross to the core with
+`EngineCore.call` (the Batcher's inbox); each step's TokenEvents cross back in one `to_serving` call to the
+`EventRouter`, which owns every request's event channel.
+
 Supervision. The actors run in a nursery of their own under `_supervise`. The first actor that raises (a rank died,
 or a bug) marks the engine dead right there (`is_alive` False, `failure` set) before its exception cancels the
-others; the Batcher, on its way out, fails every live sequence, and the request streams raise EngineDeadError with
-the failure. The Engine context itself stays open, so the HTTP layer keeps answering /health with 503 and new
-requests with EngineDeadError until it shuts down. A failure before the engine is ready is raised by `open`.
+others; the Batcher, on its way out, fails every live sequence, the router then fails whatever is left, and the
+request streams raise EngineDeadError with the failure. The Engine context itself stays open, so the HTTP layer keeps
+answering /health with 503 and new requests with EngineDeadError until it shuts down. A failure before the engine is
+ready is raised by `open`.
 
-Requests. `generate` validates up front (window, drain, death, occupied sessions), resolves each choice's seed and
-token budget, submits `n` sequences that share one TokenEvent channel (a clone each), and yields a `RequestStream`
-(`request_stream.py`) that detokenizes and matches stop strings per choice. Leaving the `generate` context early
-aborts every sequence. `interactive` runs one turn of a SessionActor, which calls back into the same request path.
-Rank configuration (device, dtype and batch-size defaults) is resolved by `gpu_worker.runner_configs`.
+Requests. `generate` checks the request once (`_admit`: window, token budget; plus drain, death, occupied sessions),
+resolves each choice's seed, registers `n` sequences with the router on one TokenEvent channel, submits them, and
+yields a `RequestStream` (`request_stream.py`) that detokenizes and matches stop strings per choice. Leaving the
+`generate` context early aborts every sequence. `interactive` runs one turn of a SessionActor, which calls back into
+the same request path. Rank configuration (device, dtype and batch-size defaults) is resolved by
+`gpu_worker.runner_configs`.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import logging
 import random
 import time
@@ -32,6 +41,8 @@ import attrs
 import trio
 
 from trillm.actors.batcher import BatcherActor
+from trillm.actors.core import EngineCore, InLoopCore, ThreadCore
+from trillm.actors.event_router import EventRouter
 from trillm.actors.gpu_worker import (
     GPUWorkerActor,
     InProcessWorkerActor,
@@ -41,7 +52,7 @@ from trillm.actors.gpu_worker import (
 from trillm.policy.kv_blocks import BlockManager
 from trillm.protocol.api import CompletionOutput, EngineStats, GenerateRequest, InteractiveTurn
 from trillm.protocol.step import RankReady, StepPlan, StepResult, StepRunner, TokenEvent
-from trillm.actors.messages import BatcherInbox, ReleaseSession, Submit
+from trillm.actors.messages import Abort, BatcherInbox, ReleaseSession, Submit
 from trillm.actors.request_stream import Choice, RequestStream
 from trillm.policy.scheduler import Scheduler
 from trillm.actors.session import SessionActor
@@ -57,7 +68,10 @@ from trillm.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenize
 
 log = logging.getLogger(__name__)
 
-INBOX_BUFFER = 256  # Batcher inbox; requests wait (backpressure) when it is full
+# The Batcher's inbox is filled from the serving loop through `run_sync_soon` callbacks, which cannot wait, so it has
+# no fixed bound; what bounds it is the requests in flight (each puts at most n Submits, n Aborts and one
+# ReleaseSession in it), and the Batcher drains it completely before every step.
+INBOX_BUFFER = math.inf
 EVENT_SLACK = 2  # per-sequence event buffer = token budget + this (the final or error event)
 PLAN_BUFFER = 1  # plans a worker may hold ahead of its rank (room for step overlap, issue 4)
 SHUTDOWN_TIMEOUT_S = 30.0  # how long leaving `open` waits for the actors and ranks before cancelling them
@@ -109,12 +123,13 @@ class Engine:
         self.failure: str | None = None
         self._is_draining = False
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[BatcherInbox](INBOX_BUFFER)
+        self._router = EventRouter(abort=self._abort_nowait)
+        self._core: EngineCore | None = None
         self._batcher: BatcherActor | None = None
         self._sessions: dict[int, SessionActor] = {}
         self._seq_ids = itertools.count(1)
         self._session_ids = itertools.count(FIRST_SESSION_ID)
         self._seeds = random.Random(config.seed)
-        self._stopped = trio.Event()
 
     @classmethod
     @asynccontextmanager
@@ -153,19 +168,25 @@ class Engine:
             tokenizer = await trio.to_thread.run_sync(load)
         configs = runner_configs(config, model_path, resolve_device(config.device))
         engine = cls(config, tokenizer)
-        start = partial(engine._supervise, configs, runner_factory, rank_target, use_threads)
+        main = partial(engine._supervise, configs, runner_factory, rank_target, use_threads)
         with _unwrap_single_exception():
             async with trio.open_nursery() as nursery:
-                await nursery.start(start)
+                core = ThreadCore() if use_threads else InLoopCore(nursery)
+                engine._core = core
+                await core.start(main)
                 try:
                     yield engine
                 finally:
-                    engine._inbox_send.close()  # the Batcher ends, then the workers stop their ranks
+                    try:
+                        core.call(engine._inbox_send.close)  # the Batcher ends, then the workers stop their ranks
+                    except trio.RunFinishedError:
+                        pass  # the core has stopped already (the engine failed)
                     with trio.move_on_after(SHUTDOWN_TIMEOUT_S) as waiting:
-                        await engine._stopped.wait()
+                        await core.wait_stopped()
                     if waiting.cancelled_caught:
                         log.error("the engine did not stop within %.0f s: cancelling it", SHUTDOWN_TIMEOUT_S)
-                        nursery.cancel_scope.cancel()
+                        core.cancel()
+                        await core.wait_stopped()
 
     # -- supervision -------------------------------------------------------------------------------------------------
 
@@ -197,6 +218,7 @@ class Engine:
                     self._inbox_receive,
                     [send for send, _ in plan_channels],
                     [receive for _, receive in result_channels],
+                    deliver=partial(self._to_serving, self._router.deliver),
                     enable_overlap=self.config.enable_overlap,
                 )
                 await actors.start(self._guarded, self._batcher.run)
@@ -208,7 +230,8 @@ class Engine:
             self._mark_dead(_describe(exc))
         finally:
             self.is_alive = False
-            self._stopped.set()
+            # Requests whose Submit never reached the Batcher have no one else to fail them.
+            self._to_serving(self._router.fail_all, self.failure or "the engine stopped")
 
     async def _start_workers(
         self, actors: trio.Nursery, workers: Sequence[GPUWorkerActor | InProcessWorkerActor]
@@ -326,6 +349,8 @@ class Engine:
         seed = sampling.seed if sampling.seed is not None else self._seeds.randrange(SEED_RANGE)
         send, receive = trio.open_memory_channel[TokenEvent](request.n * (max_new_tokens + EVENT_SLACK))
         seq_ids = [next(self._seq_ids) for _ in range(request.n)]
+        for seq_id in seq_ids:
+            self._router.register(seq_id, send.clone())
         choices = {seq_id: self._new_choice(index, request) for index, seq_id in enumerate(seq_ids)}
         submits = [
             Submit(
@@ -333,13 +358,12 @@ class Engine:
                 prompt_token_ids=prompt,
                 sampling=attrs.evolve(sampling, seed=seed + index),
                 max_new_tokens=max_new_tokens,
-                events=send.clone(),
                 session_id=request.session_id,
                 keep_kv=request.keep_kv,
             )
             for index, seq_id in enumerate(seq_ids)
         ]
-        send.close()  # each Submit holds a clone: the channel ends when the Batcher has closed them all
+        send.close()  # the router holds a clone per sequence: the channel ends when it has closed them all
         stream = RequestStream(
             receive,
             choices,
@@ -350,14 +374,12 @@ class Engine:
         )
         async with receive:
             try:
-                for submit in submits:  # without a checkpoint when there is room: n choices start in one step
-                    try:
-                        self._send_nowait(submit)
-                    except trio.WouldBlock:
-                        await self._send(submit)
+                for submit in submits:  # without a checkpoint: n choices start in one step
+                    self._send_nowait(submit)
                 yield stream
             finally:
                 stream.abort_nowait()
+                self._router.unregister(seq_ids)
 
     def _new_choice(self, index: int, request: GenerateRequest) -> Choice:
         detokenizer = IncrementalDetokenizer(
@@ -369,16 +391,35 @@ class Engine:
         return Choice(index=index, detokenizer=detokenizer, stop=StopStringMatcher(request.stop))
 
     async def _send(self, message: BatcherInbox) -> None:
-        try:
-            await self._inbox_send.send(message)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise EngineDeadError(self.failure or "the engine has stopped") from None
+        """Send to the Batcher's inbox (it never waits: see INBOX_BUFFER); EngineDeadError once the core stopped."""
+        self._send_nowait(message)
 
     def _send_nowait(self, message: BatcherInbox) -> None:
+        if not self.is_alive or self._core is None:
+            raise EngineDeadError(self.failure or "the engine has stopped")
+        try:
+            self._core.call(self._put_inbox, message)
+        except trio.RunFinishedError:
+            raise EngineDeadError(self.failure or "the engine has stopped") from None
+
+    def _put_inbox(self, message: BatcherInbox) -> None:
+        """In the core loop: queue a message for the Batcher (never raises: it runs as a `run_sync_soon` callback)."""
         try:
             self._inbox_send.send_nowait(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise EngineDeadError(self.failure or "the engine has stopped") from None
+            if isinstance(message, Submit):  # the core is stopping: nothing will ever answer this sequence
+                self._to_serving(self._router.fail, [message.seq_id], self.failure or "the engine stopped")
+
+    def _abort_nowait(self, seq_id: int) -> None:
+        """The EventRouter found a sequence's receiver gone: abort it (its KV is freed at the next step)."""
+        try:
+            self._send_nowait(Abort(seq_id=seq_id))
+        except EngineDeadError:
+            pass
+
+    def _to_serving(self, function: Callable[..., None], *args: Any) -> None:
+        assert self._core is not None
+        self._core.to_serving(function, *args)
 
     # -- sessions ----------------------------------------------------------------------------------------------------
 

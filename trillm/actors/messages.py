@@ -1,10 +1,10 @@
-"""Engine → Batcher commands: the messages of the BatcherActor's inbox (Trio-typed: they carry channels).
+"""Engine → Batcher commands: the messages of the BatcherActor's inbox.
 
     Engine / RequestStream ──Submit / Abort──▶ BatcherActor
     SessionActor ──ReleaseSession──▶ BatcherActor
 
-Everything that crosses into policy/ or gpu/ lives in `trillm.protocol`; these three stay in actors/ because a
-`Submit` carries the sequence's own `trio.MemorySendChannel`, which only the serving process has.
+Everything that crosses into policy/ or gpu/ lives in `trillm.protocol`; these three are the engine's own commands,
+sent from the serving loop to the engine core's loop (`core.py`).
 """
 
 from __future__ import annotations
@@ -12,25 +12,18 @@ from __future__ import annotations
 from typing import Union
 
 import attrs
-import trio
 
 from trillm.protocol.api import FinishReason, SamplingParams
-from trillm.protocol.step import TokenEvent
 
 
 @attrs.frozen(kw_only=True)
 class Submit:
-    """Engine → Batcher, once per sequence: admit it to the waiting queue.
-
-    `events` is the sequence's own TokenEvent channel; the Batcher sends with `send_nowait` (the buffer is bounded by
-    the sequence's token budget) and treats a closed channel as an abort.
-    """
+    """Engine → Batcher, once per sequence: admit it to the waiting queue (its events go back by `seq_id`)."""
 
     seq_id: int
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams  # seed already resolved to an int
     max_new_tokens: int  # resolved: min(max_tokens, window - prompt)
-    events: trio.MemorySendChannel[TokenEvent]
     session_id: int | None = None
     keep_kv: bool = False
 

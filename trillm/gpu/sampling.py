@@ -169,7 +169,7 @@ def _mask_stop_tokens(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> None
     if rows:
         device = logits.device
         index = (_on_device(rows, torch.int64, device), _on_device(cols, torch.int64, device))
-        logits[index] = float("-inf")
+        logits.index_put_(index, torch.full((len(rows),), float("-inf"), dtype=logits.dtype, device=device))
 
 
 def _draw(

@@ -127,12 +127,12 @@ def _literal_hook(tp: Any, converter: cattrs.Converter) -> Hook:
 
 def _union_hook(tp: Any, converter: cattrs.Converter) -> Hook:
     """Dispatch on the JSON kind of the value: the first member that accepts that kind structures it."""
-    members = typing.get_args(tp)
+    members = [(member, _type_kinds(member)) for member in typing.get_args(tp)]  # kinds computed once per type
 
     def hook(value: Any, _: Any) -> Any:
         kind = _value_kind(value)
-        for member in members:
-            if kind in _type_kinds(member):
+        for member, kinds in members:
+            if kind in kinds:
                 return converter.structure(value, member)
         raise FieldError(f"expected {_kind_name(tp)}, got {_describe(value)}")
 
@@ -168,6 +168,20 @@ def _typed_container(check: type, word: str, factory: Callable[[Any, cattrs.Conv
     return make
 
 
+def _list_factory(tp: Any, converter: cattrs.Converter) -> Hook:
+    """Lists; a list of plain ints (a token-id prompt, thousands long) is checked in one pass, not per element."""
+    general = list_structure_factory(tp, converter)
+    if typing.get_args(tp) != (int,):
+        return general
+
+    def hook(value: Any, _: Any) -> Any:
+        if all(type(item) is int for item in value):  # bool is a subclass of int: `type(...) is` keeps it out
+            return list(value)
+        return general(value, tp)  # the general path names the bad element
+
+    return hook
+
+
 def _attrs_factory(tp: Any, converter: cattrs.Converter) -> Hook:
     return make_dict_structure_fn(tp, converter, _cattrs_forbid_extra_keys=False)
 
@@ -192,7 +206,7 @@ def make_converter() -> cattrs.Converter:
     factories: list[tuple[Callable[[Any], bool], Any]] = [  # registered later = tried first: specific ones last
         (attrs.has, _typed_container(dict, "an object", _attrs_factory)),
         (_is_plain_mapping, _typed_container(dict, "an object", mapping_structure_factory)),
-        (_is_list, _typed_container(list, "an array", list_structure_factory)),
+        (_is_list, _typed_container(list, "an array", _list_factory)),
         (lambda t: _origin(t) is Literal, _literal_hook),
         (_is_union, _union_hook),
         (lambda t: _origin(t) is typing.Annotated, _annotated_hook),
