@@ -5,6 +5,8 @@
 #   bench/serve_check.sh serve COMMIT    `trillm serve` driven by bench/serve.py: ShareGPT-like mix (tp=1, and with
 #                                        --max-prefill-token-num 2048), Poisson 8 req/s, one stream of 1k/128,
 #                                        a shared 1k prefix with prefix caching off and on, and tp=2 on two GPUs
+#   bench/serve_check.sh prefix-ab COMMIT the ShareGPT-like mix (no shared prefixes) with prefix caching off and on:
+#                                        what caching costs where it cannot help
 # Needs the wheels of .whl/ (trio, quart, hypercorn, cattrs, msgspec, ...) and a tokenizer-only copy of the default
 # model in .device/tok (random presets have no tokenizer). Everything lands in $OUT; a table per part comes last.
 set -uo pipefail
@@ -88,6 +90,14 @@ widths = [max(len(str(x[i])) for x in rows) for i in range(len(rows[0]))]
 for row in rows:
     print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
 PY
+  ;;
+prefix-ab)
+  export CUDA_VISIBLE_DEVICES=0
+  serve_up ab-off && { bench sharegpt-caching-off --dataset sharegpt-like --num-prompts "$N" --max-concurrency 256
+                       serve_down; }
+  serve_up ab-on --enable-prefix-caching && {
+    bench sharegpt-caching-on --dataset sharegpt-like --num-prompts "$N" --max-concurrency 256
+    serve_down; }
   ;;
 esac
 echo "part $part done in $((SECONDS - start)) s"

@@ -153,3 +153,10 @@ def test_a_model_that_cannot_load_fails_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"trillm: GGUF file '{tmp_path / 'missing.gguf'}' does not exist"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], True), (["--enable-prefix-caching"], True),
+                                                 (["--disable-prefix-caching"], False)])
+def test_prefix_caching_is_on_by_default_and_can_be_turned_off(flags: list[str], expected: bool) -> None:
+    args = build_parser().parse_args(["serve", "api_server", *flags])
+    assert config_from_args(args).engine.enable_prefix_caching is expected

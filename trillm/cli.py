@@ -59,7 +59,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-prefill-token-num", type=int,
                         help="most prompt tokens prefilled in one step (default 8192)")
     engine.add_argument("--enable-prefix-caching", action="store_true", default=None,
-                        help="reuse the KV cache of shared prompt prefixes across requests")
+                        help="reuse the KV cache of shared prompt prefixes across requests (the default; accepted "
+                             "for LMDeploy's command lines)")
+    engine.add_argument("--disable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                        help="compute every prompt in full, even where another request already computed its prefix")
     engine.add_argument("--chat-template", help="a Jinja chat template file that replaces the model's")
     engine.add_argument("--disable-overlap", dest="enable_overlap", action="store_false", default=None,
                         help="plan each engine step only after the previous one returned (default: plan step N+1 "

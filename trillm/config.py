@@ -48,7 +48,7 @@ class EngineConfig:
     cache_block_seq_len: int = attrs.field(default=64, validator=_positive)
     max_batch_size: int | None = attrs.field(default=None, validator=_positive)  # None = 256 on CUDA, 64 on CPU
     max_prefill_token_num: int = attrs.field(default=8192, validator=_positive)
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True  # on: no cost measured where nothing is shared (docs/perf.md)
     chat_template: str | None = None  # path of a Jinja template file overriding the model's
     tokenizer: str | None = None  # model spec or folder whose tokenizer to use; None: the model's own (the default
     # model's for random:<preset> models, which have no tokenizer of their own)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from trillm.protocol.wire import compact_pickle
 class FinishReason(str, enum.Enum):
     """Why a sequence stopped: OpenAI's vocabulary plus LMDeploy's `abort`."""
 
@@ -42,6 +43,7 @@ def _penalty_range(instance: object, attribute: attrs.Attribute[float], value: f
         raise ValueError(f"{attribute.name} must be in [-2, 2], got {value}")
 
 
+@compact_pickle
 @attrs.frozen(kw_only=True)
 class SamplingParams:
     """HTTP layer → Engine → rank: how to pick each next token of one sequence.
@@ -134,6 +136,7 @@ class InteractiveTurn:
     spaces_between_special_tokens: bool = True
 
 
+@compact_pickle
 @attrs.frozen(kw_only=True)
 class TokenLogprob:
     """Rank 0 → Batcher → Engine, per sampled token when logprobs were asked: its log-probability and the top ones.

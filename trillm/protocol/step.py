@@ -20,8 +20,10 @@ from typing import Protocol, Union
 import attrs
 
 from trillm.protocol.api import FinishReason, SamplingParams, TokenLogprob
+from trillm.protocol.wire import compact_pickle
 
 
+@compact_pickle
 @attrs.frozen(kw_only=True)
 class SampleSpec:
     """Part of a SeqStep whose last position is sampled: the parameters and the context penalties need.
@@ -41,6 +43,7 @@ class SampleSpec:
 PREVIOUS_TOKEN = -1  # a SeqStep token id meaning "the token this rank last sampled for this seq_id" (step overlap)
 
 
+@compact_pickle
 @attrs.frozen(kw_only=True)
 class SeqStep:
     """One sequence's share of a StepPlan: compute `token_ids` at positions `start_pos ...` into its KV blocks.
@@ -66,6 +69,7 @@ class SeqStep:
         return self.start_pos + len(self.token_ids)
 
 
+@compact_pickle
 @attrs.frozen(kw_only=True)
 class StepPlan:
     """Batcher → every rank, once per engine step: the batch to run. Ranks answer in step order.
@@ -91,6 +95,7 @@ class Shutdown:
     """Batcher/Engine → every rank, at shutdown: finish the current step, release the GPU, exit."""
 
 
+@compact_pickle
 @attrs.frozen(kw_only=True)
 class SampledToken:
     """Part of a StepResult: the token sampled for one sequence."""
@@ -100,6 +105,7 @@ class SampledToken:
     logprob: TokenLogprob | None = None
 
 
+@compact_pickle
 @attrs.frozen(kw_only=True)
 class StepResult:
     """Rank 0 → Batcher, once per StepPlan: the sampled tokens, in the plan's order of sampled sequences.
