@@ -25,7 +25,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from served import ServedProcess, free_port
 from trillm.cli import build_parser, config_from_args, main
 from trillm.config import EngineConfig, ServerConfig
 
@@ -87,34 +86,14 @@ def test_unimplemented_targets_say_so(target: str, capsys: pytest.CaptureFixture
     assert f"`serve {target}` is not implemented yet" in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_serve_prints_the_url_serves_and_drains_on_sigterm(smollm2_folder: str, tmp_path: Path) -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trillm", "serve", "api_server", smollm2_folder, "--server_name", "127.0.0.1",
-         "--server-port", str(port), "--session-len", "256", "--model-name", "smol", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-    )
-    output: list[str] = []
-    ready = threading.Event()
-
-    def read_output() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            if line.startswith("trillm: serving"):
-                ready.set()
-
-    threading.Thread(target=read_output, daemon=True).start()
+    served = ServedProcess(smollm2_folder, "--session-len", "256", "--model-name", "smol", "--log-level", "warning",
+                           cwd=tmp_path)
+    process, output = served.process, served.output
     try:
-        assert ready.wait(240), "".join(output)
-        url = f"http://127.0.0.1:{port}"
+        served.wait_ready()
+        url = served.url
         assert f"trillm: serving smol at {url} -- open {url} in a browser for the API docs\n" in output
         with httpx.Client(base_url=url, timeout=120) as http:
             assert http.get("/health").status_code == 200
@@ -133,9 +112,7 @@ def test_serve_prints_the_url_serves_and_drains_on_sigterm(smollm2_folder: str, 
             assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
         assert process.wait(timeout=60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        served.stop()
     assert "Traceback" not in "".join(output), "".join(output)
 
 

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import collections
 import re
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from test_cli import free_port
+from served import ServedProcess
 
 NUM_CLIENTS = 1000
 TIMEOUT_S = 600.0
@@ -27,30 +24,15 @@ TIMEOUT_S = 600.0
 
 @pytest.fixture
 def served_url(smollm2_folder: str, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "trillm", "serve", "api_server", smollm2_folder, "--server-name", "127.0.0.1",
-         "--server-port", str(port), "--session-len", "256", "--model-name", "smol", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-    )
-    output: list[str] = []
-    ready = threading.Event()
-
-    def read_output() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            if line.startswith("trillm: serving"):
-                ready.set()
-
-    threading.Thread(target=read_output, daemon=True).start()
+    served = ServedProcess(smollm2_folder, "--session-len", "256", "--model-name", "smol", "--log-level", "warning",
+                           cwd=tmp_path)
     try:
-        assert ready.wait(240), "".join(output)
-        yield f"http://127.0.0.1:{port}"
+        served.wait_ready()
+        yield served.url
     finally:
-        process.terminate()
-        process.wait(timeout=60)
-    assert "Traceback" not in "".join(output), "".join(output)
+        served.process.terminate()
+        served.process.wait(timeout=60)
+    assert "Traceback" not in "".join(served.output), "".join(served.output)
 
 
 async def stream_one(client: httpx.AsyncClient, index: int, outcomes: collections.Counter[str]) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 
-from trillm.protocol.step import KVCacheLayout, RankFailed, RankReady, Shutdown, StepPlan, StepResult, StepRunner
+from trillm.protocol.step import RankFailed, RankReady, Shutdown, StepPlan, StepResult, StepRunner
 from trillm.config import EngineConfig, RunnerConfig
 from trillm.protocol.wire import READ_CHUNK_BYTES, FrameDecoder, encode_frame
 from trillm.errors import EngineDeadError
