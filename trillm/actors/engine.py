@@ -121,7 +121,7 @@ class Engine:
         self.device_name = ""
         self.is_alive = True
         self.failure: str | None = None
-        self._is_draining = False
+        self.is_draining = False  # set once by `drain`: the one place that says the engine takes no new requests
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[BatcherInbox](INBOX_BUFFER)
         self._router = EventRouter(abort=self._abort_nowait)
         self._core: EngineCore | None = None
@@ -290,7 +290,7 @@ class Engine:
     def _check_accepting(self) -> None:
         if not self.is_alive:
             raise EngineDeadError(self.failure or "the engine has stopped")
-        if self._is_draining:
+        if self.is_draining:
             raise EngineDrainingError("the engine is draining for shutdown and accepts no new requests")
 
     @asynccontextmanager
@@ -479,7 +479,7 @@ class Engine:
 
     def drain(self) -> None:
         """Refuse new requests (EngineDrainingError) while the ones in flight finish."""
-        self._is_draining = True
+        self.is_draining = True
 
     def statistics(self) -> EngineStats:
         """A snapshot of queues, KV usage and token counters."""

@@ -32,8 +32,7 @@ class ServerState:
         self.config = config
         self.engine = engine  # the Engine, or any EngineClient (tests inject a FakeEngine)
         self.is_engine_owned = engine is None
-        self.failure: str | None = None
-        self.is_draining = False
+        self.failure: str | None = None  # why the Engine context ended while serving (a detail for error bodies)
         self.num_in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -83,7 +82,7 @@ class ServerState:
 
     @property
     def is_alive(self) -> bool:
-        return self.engine is not None and self.failure is None and self.engine.is_alive
+        return self.engine is not None and self.engine.is_alive  # liveness is the engine's, as is draining
 
     def failure_reason(self) -> str:
         if self.engine is None:
@@ -132,12 +131,14 @@ class ServerState:
         if self.num_in_flight == 0:
             self._idle.set()
 
+    @property
+    def is_draining(self) -> bool:
+        return self.engine is not None and self.engine.is_draining
+
     def drain(self) -> None:
-        """Refuse new requests with 503 from now on; requests in flight run to completion."""
-        if not self.is_draining:
+        """Refuse new requests with 503 from now on (the engine's drain); requests in flight run to completion."""
+        if self.engine is not None and not self.engine.is_draining:
             log.info("draining: %d request(s) in flight", self.num_in_flight)
-        self.is_draining = True
-        if self.engine is not None:
             self.engine.drain()
 
     def truncate_for_log(self, value: object) -> str:
