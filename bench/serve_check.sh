@@ -61,11 +61,11 @@ serve)
     bench c1 --dataset random --input-len 1024 --output-len 128 --num-prompts 16 --max-concurrency 1
     bench sharegpt-tp1 --dataset sharegpt-like --num-prompts "$N" --max-concurrency 256
     bench poisson8 --dataset sharegpt-like --num-prompts "$((N / 4))" --request-rate 8 --seed 1
-    bench prefix-off --dataset shared-prefix --prefix-len 1024 --suffix-len 32 --output-len 16 --num-prompts 48 \
+    bench prefix-on --dataset shared-prefix --prefix-len 1024 --suffix-len 32 --output-len 16 --num-prompts 48 \
       --max-concurrency 48
     serve_down; }
-  serve_up prefix-on --enable-prefix-caching && {
-    bench prefix-on --dataset shared-prefix --prefix-len 1024 --suffix-len 32 --output-len 16 --num-prompts 48 \
+  serve_up prefix-off --disable-prefix-caching && {
+    bench prefix-off --dataset shared-prefix --prefix-len 1024 --suffix-len 32 --output-len 16 --num-prompts 48 \
       --max-concurrency 48
     serve_down; }
   serve_up chunk2048 --max-prefill-token-num 2048 && {
@@ -91,11 +91,21 @@ for row in rows:
     print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
 PY
   ;;
+prefix)  # the shared-prefix pair alone
+  export CUDA_VISIBLE_DEVICES=0
+  for mode in on off; do
+    flag=(); [ "$mode" = off ] && flag=(--disable-prefix-caching)
+    serve_up "prefix-$mode" "${flag[@]}" && {
+      bench "prefix-$mode" --dataset shared-prefix --prefix-len 1024 --suffix-len 32 --output-len 16 --num-prompts 48 \
+        --max-concurrency 48
+      serve_down; }
+  done
+  ;;
 prefix-ab)
   export CUDA_VISIBLE_DEVICES=0
-  serve_up ab-off && { bench sharegpt-caching-off --dataset sharegpt-like --num-prompts "$N" --max-concurrency 256
+  serve_up ab-off --disable-prefix-caching && { bench sharegpt-caching-off --dataset sharegpt-like --num-prompts "$N" --max-concurrency 256
                        serve_down; }
-  serve_up ab-on --enable-prefix-caching && {
+  serve_up ab-on && {
     bench sharegpt-caching-on --dataset sharegpt-like --num-prompts "$N" --max-concurrency 256
     serve_down; }
   ;;
