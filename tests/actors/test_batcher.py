@@ -45,7 +45,7 @@ RUNNER_CONFIG = RunnerConfig(
 )
 
 
-Running = tuple[BatcherActor, trio.MemorySendChannel[BatcherInbox], FakeRunner, Scheduler]
+Running = tuple[BatcherActor, trio.MemorySendChannel[BatcherInbox], FakeRunner, Scheduler, EventRouter]
 
 
 def router_for(inbox: trio.MemorySendChannel[BatcherInbox]) -> EventRouter:
@@ -63,34 +63,30 @@ async def running_batcher(*, use_thread: bool = False) -> AsyncIterator[Running]
     worker = InProcessWorkerActor(lambda _: runner, RUNNER_CONFIG, plans_receive, results_send, use_thread=use_thread)
     router = router_for(inbox_send)
     batcher = BatcherActor(scheduler, inbox_receive, [plans_send], [results_receive], deliver=router.deliver)
-    ROUTERS[id(inbox_send)] = router
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
         await nursery.start(batcher.run)
-        yield batcher, inbox_send, runner, scheduler
+        yield batcher, inbox_send, runner, scheduler, router
         inbox_send.close()
 
 
-ROUTERS: dict[int, EventRouter] = {}  # id(inbox) → the router of the batcher that reads it
-
-
 def submit(
-    inbox: trio.MemorySendChannel[BatcherInbox],
+    router: EventRouter,
     seq_id: int,
     events: trio.MemorySendChannel[TokenEvent],
     max_new_tokens: int = 5,
     **fields: Any,
 ) -> Submit:
-    """A Submit for the batcher reading `inbox`, its events routed to `events` (as Engine._open_request does)."""
-    ROUTERS[id(inbox)].register(seq_id, events)
+    """A Submit whose events `router` sends to `events` (as Engine._open_request arranges)."""
+    router.register(seq_id, events)
     return Submit(seq_id=seq_id, prompt_token_ids=(100, 101, 102), sampling=GREEDY, max_new_tokens=max_new_tokens,
                   **fields)
 
 
 async def test_events_are_delivered_and_the_channel_closed_at_the_end() -> None:
-    async with running_batcher() as (batcher, inbox, _, _):
+    async with running_batcher() as (batcher, inbox, _, _, router):
         send, receive = trio.open_memory_channel[TokenEvent](10)
-        await inbox.send(submit(inbox, 1, send, 3))
+        await inbox.send(submit(router, 1, send, 3))
         events = [event async for event in receive]  # ends: the Batcher closed the channel after the last event
         assert [len(e.token_ids) for e in events] == [1, 1, 1]
         assert [e.finish_reason for e in events] == [None, None, FinishReason.LENGTH]
@@ -98,15 +94,15 @@ async def test_events_are_delivered_and_the_channel_closed_at_the_end() -> None:
 
 
 async def test_an_idle_batcher_sleeps_on_its_inbox() -> None:
-    async with running_batcher() as (batcher, _, runner, _):
+    async with running_batcher() as (batcher, _, runner, _, router):
         await trio.testing.wait_all_tasks_blocked()
         assert runner.plans == [] and batcher.statistics().num_steps == 0
 
 
 async def test_a_dropped_channel_aborts_the_sequence_and_frees_its_blocks() -> None:
-    async with running_batcher() as (batcher, inbox, _, scheduler):
+    async with running_batcher() as (batcher, inbox, _, scheduler, router):
         send, receive = trio.open_memory_channel[TokenEvent](100)
-        await inbox.send(submit(inbox, 1, send, 50))
+        await inbox.send(submit(router, 1, send, 50))
         await receive.receive()
         receive.close()  # the consumer is gone mid-stream
         await trio.testing.wait_all_tasks_blocked()
@@ -117,9 +113,9 @@ async def test_a_dropped_channel_aborts_the_sequence_and_frees_its_blocks() -> N
 
 
 async def test_release_session_reaches_the_scheduler() -> None:
-    async with running_batcher() as (batcher, inbox, _, _):
+    async with running_batcher() as (batcher, inbox, _, _, router):
         send, receive = trio.open_memory_channel[TokenEvent](10)
-        await inbox.send(submit(inbox, 1, send, 2, session_id=7, keep_kv=True))
+        await inbox.send(submit(router, 1, send, 2, session_id=7, keep_kv=True))
         assert [e async for e in receive][-1].finish_reason is FinishReason.LENGTH
         assert batcher.statistics().scheduler.num_parked_sessions == 1
         await inbox.send(ReleaseSession(session_id=7))
@@ -135,13 +131,13 @@ async def test_closing_the_inbox_fails_live_sequences_and_stops_the_workers() ->
     plans_send, plans_receive = trio.open_memory_channel[StepPlan](1)
     results_send, results_receive = trio.open_memory_channel[StepResult](1)
     worker = InProcessWorkerActor(lambda _: runner, RUNNER_CONFIG, plans_receive, results_send, use_thread=False)
-    ROUTERS[id(inbox_send)] = router = router_for(inbox_send)
+    router = router_for(inbox_send)
     batcher = BatcherActor(scheduler, inbox_receive, [plans_send], [results_receive], deliver=router.deliver)
     send, receive = trio.open_memory_channel[TokenEvent](200)
     async with trio.open_nursery() as nursery:
         await nursery.start(worker.run)
-        inbox_send.send_nowait(submit(inbox_send, 1, send.clone(), 50))
-        inbox_send.send_nowait(submit(inbox_send, 2, send.clone(), 50))  # waits: max_batch_size 1
+        inbox_send.send_nowait(submit(router, 1, send.clone(), 50))
+        inbox_send.send_nowait(submit(router, 2, send.clone(), 50))  # waits: max_batch_size 1
         inbox_send.close()  # drained first, then the loop ends
         await nursery.start(batcher.run)
     send.close()
@@ -152,11 +148,11 @@ async def test_closing_the_inbox_fails_live_sequences_and_stops_the_workers() ->
 
 
 async def test_closing_the_inbox_mid_generation_collects_the_steps_in_flight_first(overlap: bool) -> None:
-    async with running_batcher(use_thread=True) as (batcher, inbox, runner, scheduler):
+    async with running_batcher(use_thread=True) as (batcher, inbox, runner, scheduler, router):
         runner.hold()
         runner.allow(1)
         send, receive = trio.open_memory_channel[TokenEvent](100)
-        await inbox.send(submit(inbox, 1, send, 50))
+        await inbox.send(submit(router, 1, send, 50))
         first = await receive.receive()
         assert first.token_ids
         await trio.testing.wait_all_tasks_blocked()  # the next step is in flight, held by the runner
