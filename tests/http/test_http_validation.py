@@ -111,3 +111,10 @@ def test_interactive_defaults_are_lmdeploys() -> None:
     assert isinstance(request, InteractiveRequest)
     assert (request.session_id, request.top_p, request.top_k, request.temperature) == (-1, 0.8, 40, 0.8)
     assert request.interactive_mode is False and request.request_output_len is None
+
+
+@pytest.mark.parametrize("bad", [True, 2.5])
+def test_a_token_id_prompt_with_one_non_integer_names_it(bad: object) -> None:
+    # Token-id lists are checked in one pass; anything but a plain int (bool included) takes the path that names it.
+    error = error_of(CompletionRequest, {"prompt": [1, 2, bad, 4]})
+    assert error.param == "prompt[2]"

@@ -171,8 +171,9 @@ def _typed_container(check: type, word: str, factory: Callable[[Any, cattrs.Conv
 def _list_factory(tp: Any, converter: cattrs.Converter) -> Hook:
     """Lists; a list of plain ints (a token-id prompt, thousands long) is checked in one pass, not per element."""
     general = list_structure_factory(tp, converter)
-    if typing.get_args(tp) != (int,):
-        return general
+    (element,) = typing.get_args(tp) or (Any,)
+    if element is not int and not (_is_union(element) and int in typing.get_args(element)):
+        return general  # only lists that may hold plain ints (token ids) get the one-pass check
 
     def hook(value: Any, _: Any) -> Any:
         if all(type(item) is int for item in value):  # bool is a subclass of int: `type(...) is` keeps it out
