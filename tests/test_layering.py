@@ -8,6 +8,8 @@ The diagram the tree must be: http → actors → protocol ← gpu; policy pure 
 | rule                | modules            | may import                                                                |
 | ------------------- | ------------------ | ------------------------------------------------------------------------- |
 | config-is-a-leaf    | config.py          | stdlib, attrs                                                             |
+| client-stands-alone | client.py          | stdlib, httpx (no server layer: `import trillm` loads it)                 |
+| package-is-light    | __init__.py        | stdlib, client                                                            |
 | protocol-at-bottom  | protocol/          | stdlib, attrs, protocol/                                                  |
 | policy-is-pure      | policy/            | stdlib, attrs, protocol/, policy/, config                                 |
 | actors-are-trio     | actors/            | stdlib, attrs, trio, actors/, protocol/, policy/, config, errors,         |
@@ -37,6 +39,8 @@ ACTOR_IMPORTS = {
 }
 ALLOWED: dict[str, set[str]] = {
     "config.py": {STDLIB, "attrs"},
+    "client.py": {STDLIB, "httpx"},
+    "__init__.py": {STDLIB, "trillm.client"},
     "protocol/": {STDLIB, "attrs", "trillm.protocol"},
     "policy/": {STDLIB, "attrs", "trillm.protocol", "trillm.policy", "trillm.config"},
     "actors/engine.py": ACTOR_IMPORTS | {"trillm.models.loader"},
@@ -201,3 +205,8 @@ def test_the_rules_flag_what_the_table_forbids() -> None:
     ]
     assert violations("http/state.py", {"trillm.gpu.rank", "trillm.protocol.api"}) == ["trillm.gpu.rank"]
     assert violations("config.py", {"trio", "os", "attrs"}) == ["trio"]
+    # the client and the package root stay light: no trio, torch or server layer
+    assert violations("client.py", {"httpx", "json", "trio", "trillm.http.schemas"}) == ["trillm.http.schemas", "trio"]
+    assert violations("__init__.py", {"trillm.client", "trillm.client.APIClient", "trillm.actors.engine"}) == [
+        "trillm.actors.engine",
+    ]

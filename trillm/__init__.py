@@ -1,1 +1,3 @@
 """trillm: an OpenAI-compatible LLM serving engine."""
+
+from .client import APIClient as APIClient
