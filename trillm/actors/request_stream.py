@@ -111,8 +111,8 @@ class RequestStream:
         serving loop, slower than the engine), the tokens that piled up go out as one output — one SSE chunk and one
         socket write instead of one per token — so the per-token cost of the HTTP path shrinks exactly when it limits.
         """
-        token_ids, logprobs, last = list(event.token_ids), list(event.logprobs), event
-        while last.finish_reason is None and last.error is None:
+        merged = [event]  # the usual case is one event: no lists are built unless a second one is waiting
+        while merged[-1].finish_reason is None and merged[-1].error is None:
             try:
                 following = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
@@ -120,12 +120,12 @@ class RequestStream:
             if following.seq_id != event.seq_id or following.error is not None:
                 self._held = following
                 break
-            token_ids += following.token_ids
-            logprobs += following.logprobs
-            last = following
-        if last is event:
+            merged.append(following)
+        if len(merged) == 1:
             return event
-        return attrs.evolve(last, token_ids=tuple(token_ids), logprobs=tuple(logprobs))
+        token_ids = tuple(token_id for e in merged for token_id in e.token_ids)
+        logprobs = tuple(entry for e in merged for entry in e.logprobs)
+        return attrs.evolve(merged[-1], token_ids=token_ids, logprobs=logprobs)
 
     def _on_event(self, event: TokenEvent) -> CompletionOutput | None:
         choice = self._choices.get(event.seq_id)
