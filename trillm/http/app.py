@@ -30,8 +30,10 @@ from trillm.http.errors import AUTHENTICATION, error_response, exception_respons
 from trillm.http.metrics import CONTENT_TYPE
 from trillm.http.openapi import register_docs
 from trillm.http.schemas import EncodeRequest, EncodeResponse, HealthResponse, ModelCard, ModelList, encode
+from trillm.http.prompts import off_loop, prompt_size
 from trillm.http.state import ServerState, current_state
 from trillm.http.validation import parse_body
+from trillm.protocol.api import EngineClient
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ def create_app(config: ServerConfig, engine: Any | None = None) -> QuartTrio:
     for blueprint in (chat.bp, completions.bp, interactive.bp):
         app.register_blueprint(blueprint)
     app.add_url_rule("/v1/models", view_func=_models, methods=["GET"])
+    app.add_url_rule("/v1/models/<path:model>", view_func=_model, methods=["GET"])
     app.add_url_rule("/v1/encode", view_func=_encode, methods=["POST"])
     app.add_url_rule("/health", view_func=_health, methods=["GET"])
     app.add_url_rule("/metrics", view_func=_metrics, methods=["GET"])
@@ -143,18 +146,28 @@ async def _finish(response: Response) -> Response:
 # ------------------------------------------------------------------------------------------------- small routes
 
 
+def _model_card(engine: EngineClient) -> ModelCard:
+    return ModelCard(id=engine.model_name, created=engine.created, root=engine.model_name,
+                     max_model_len=engine.max_model_len)
+
+
 async def _models() -> Response:
     """GET /v1/models: the one served model."""
-    engine = current_state().engine_for_request()
-    card = ModelCard(id=engine.model_name, created=engine.created, root=engine.model_name,
-                     max_model_len=engine.max_model_len)
+    card = _model_card(current_state().engine_for_request())
     return Response(encode(ModelList(data=[card])), content_type="application/json")
+
+
+async def _model(model: str) -> Response:
+    """GET /v1/models/{id}: the served model's card (OpenAI's `models.retrieve`); 404 model_not_found otherwise."""
+    card = _model_card(current_state().engine_for_request(model))
+    return Response(encode(card), content_type="application/json")
 
 
 async def _encode() -> Response:
     """POST /v1/encode: token ids of a string or a list of strings."""
-    body = parse_body(EncodeRequest, await request.get_data())
-    tokenizer = current_state().engine_for_request().tokenizer
+    state = current_state()
+    body = parse_body(EncodeRequest, await request.get_data(), state.limits)
+    tokenizer = state.engine_for_request().tokenizer
 
     def ids(text: str) -> list[int]:
         if body.do_preprocess:
@@ -162,10 +175,10 @@ async def _encode() -> Response:
         return list(tokenizer.encode(text, add_bos=body.add_bos))
 
     if isinstance(body.input, str):
-        input_ids = ids(body.input)
+        input_ids = await off_loop(ids, body.input, size=len(body.input))
         answer = EncodeResponse(input_ids=input_ids, length=len(input_ids))  # type: ignore[arg-type]
     else:
-        all_ids = [ids(text) for text in body.input]
+        all_ids = await off_loop(lambda: [ids(text) for text in body.input], size=prompt_size(body.input))
         answer = EncodeResponse(input_ids=all_ids, length=[len(x) for x in all_ids])  # type: ignore[arg-type]
     return Response(encode(answer), content_type="application/json")
 

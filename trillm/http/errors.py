@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from quart import Response
+from quart import Response, has_request_context, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
 from trillm.errors import (
     EngineDeadError,
@@ -70,6 +70,9 @@ def describe_exception(exc: BaseException) -> tuple[int, ErrorDetail]:
             message = exc.description or exc.name
             if status == 413:
                 message = "The request body is larger than the server's limit"
+            elif isinstance(exc, NotFound) and has_request_context() and request.path.startswith("/v1/"):
+                message = (f"This server does not offer {request.path} (it serves /v1/models, /v1/chat/completions, "
+                           "/v1/completions, /v1/chat/interactive and /v1/encode)")
             kind = INVALID_REQUEST if status < 500 else SERVER_ERROR
             return status, ErrorDetail(message=message, type=kind, code=_HTTP_CODES.get(status))
         case _:

@@ -53,11 +53,15 @@ class _Route:
     media: dict[str, str] = attrs.field(factory=dict)  # extra media types of the 200 answer → description
     is_protected: bool = True
     errors: tuple[str, ...] = ("400", "401", "404", "413", "503")
+    path_parameters: tuple[tuple[str, str], ...] = ()  # (name, description) of each `{name}` in the path
 
 
 _ROUTES = (
     _Route(path="/v1/models", method="get", operation_id="list_models", summary="List the served model",
            request=None, response=schemas.ModelList, errors=("401",)),
+    _Route(path="/v1/models/{model}", method="get", operation_id="retrieve_model",
+           summary="The served model's card; 404 model_not_found for any other id", request=None,
+           response=schemas.ModelCard, errors=("401", "404"), path_parameters=(("model", "the model id"),)),
     _Route(path="/v1/chat/completions", method="post", operation_id="create_chat_completion",
            summary="Chat completion (OpenAI); with stream=true an SSE stream of ChatCompletionChunk events",
            request=schemas.ChatCompletionRequest, response=schemas.ChatCompletionResponse,
@@ -97,6 +101,9 @@ def _operation(route: _Route, refs: dict[type, dict[str, Any]], is_auth_required
             "content": {"application/json": {"schema": refs[schemas.ErrorResponse]}},
         }
     operation: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary, "responses": responses}
+    if route.path_parameters:
+        operation["parameters"] = [{"name": name, "in": "path", "required": True, "description": description,
+                                    "schema": {"type": "string"}} for name, description in route.path_parameters]
     if route.request is not None:
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[route.request]}}}
     if route.is_protected:
