@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: serve test setup clean bench-offline
+.PHONY: serve test setup clean bench-offline cluster haproxy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ test: $(STAMP)
 
 bench-offline: $(STAMP)
 	$(PY) -m bench.offline $(ARGS)
+
+# The local cluster (deploy/local/cluster.py, docs/deploy.md): REPLICAS trillm replicas behind HAProxy on port 23333;
+# ARGS go to every replica's `trillm serve api_server`. `make haproxy` installs HAProxy from Debian/Ubuntu's packages.
+REPLICAS ?= 2
+
+cluster: $(STAMP) haproxy
+	$(PY) deploy/local/cluster.py --replicas $(REPLICAS) -- $(ARGS)
+
+haproxy:
+	@command -v haproxy >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q haproxy || { apt-get update -q && apt-get install -y -q haproxy; }; \
+	  else sudo apt-get install -y -q haproxy; fi; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info
