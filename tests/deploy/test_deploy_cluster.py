@@ -1,0 +1,226 @@
+"""The local cluster (deploy/local/cluster.py): two replicas behind HAProxy, on loopback, with the FakeEngine.
+
+One cluster for the module; its tests run in order: sessions keep their history on their replica, stateless
+requests spread over both replicas, then one replica is killed mid-run: stateless requests keep succeeding and that
+replica's sessions get a clear error, never a new empty session elsewhere. The replicas are the real app over
+tests/http/http_fakes.FakeEngine (tests/deploy/fake_replica.py), which keeps session history and counts the
+prompt tokens it computes, so each replica's /metrics shows what it prefilled.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy_files import ROOT
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("haproxy") is None,
+                       reason="haproxy not installed (`make haproxy`: apt-get install haproxy)"),
+]
+
+NUM_SESSIONS = 20
+NUM_TURNS = 3
+NUM_STATELESS = 200
+READY_TIMEOUT_S = 60.0
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 both free on loopback (the replicas' ports)."""
+    for _ in range(100):
+        base = random.randrange(30000, 60000)
+        try:
+            with socket.socket() as one, socket.socket() as two:
+                one.bind(("127.0.0.1", base))
+                two.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RunningCluster:
+    """`python deploy/local/cluster.py` in a child process; `output` collects its lines."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.replica_ports = [free_port_pair()]
+        self.replica_ports.append(self.replica_ports[0] + 1)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.output: list[str] = []
+        self.replica_pids: dict[int, int] = {}
+        self._ready = threading.Event()
+        command = [sys.executable, "deploy/local/cluster.py", "--replicas", "2", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--first-replica-port", str(self.replica_ports[0]),
+                   "--run-dir", str(tmp_path), "--ready-timeout", str(READY_TIMEOUT_S), "--graceful-timeout", "5",
+                   "--replica-command", f"{sys.executable} -m tests.deploy.fake_replica --port {{port}} --step-s 0.004"]
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            pid = re.match(r"cluster: replica (\d+) pid (\d+)", line)
+            if pid:
+                self.replica_pids[int(pid.group(1))] = int(pid.group(2))
+            if line.startswith("cluster: serving on"):
+                self._ready.set()
+
+    def wait_ready(self) -> None:
+        assert self._ready.wait(READY_TIMEOUT_S + 30), "".join(self.output)
+
+    def replica_metrics(self, index: int) -> dict[str, Any]:
+        """{metric name: {labels tuple: value}} of replica `index` (1-based), scraped directly."""
+        text = httpx.get(f"http://127.0.0.1:{self.replica_ports[index - 1]}/metrics", timeout=10).text
+        metrics: dict[str, Any] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                metrics.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+        return metrics
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def one_value(metrics: dict[str, Any], name: str) -> float:
+    return float(sum(metrics.get(name, {}).values()))
+
+
+def completions_200(metrics: dict[str, Any]) -> float:
+    return sum(value for labels, value in metrics.get("trillm:http_requests_total", {}).items()
+               if ("status", "200") in labels and ("endpoint", "/v1/completions") in labels)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    running = RunningCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def turn(client: httpx.Client, session_id: int, prompt: str, **extra: Any) -> httpx.Response:
+    return client.post("/v1/chat/interactive", json={"prompt": prompt, "session_id": session_id,
+                                                     "interactive_mode": True, "request_output_len": 4, **extra})
+
+
+def completion(client: httpx.Client, index: int) -> httpx.Response:
+    return client.post("/v1/completions", json={"model": "fake-model", "prompt": f"request {index}",
+                                                "max_tokens": 4})
+
+
+def run_session(url: str, session_id: int) -> list[dict[str, Any]]:
+    """Three turns of one session, one after the other; the answers."""
+    answers = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for index in range(NUM_TURNS):
+            response = turn(client, session_id, f"turn {index} of session {session_id}")
+            assert response.status_code == 200, response.text
+            answers.append(response.json())
+    return answers
+
+
+def test_sessions_keep_their_history_on_one_replica(cluster: RunningCluster) -> None:
+    with ThreadPoolExecutor(NUM_SESSIONS) as pool:
+        sessions = list(pool.map(lambda sid: run_session(cluster.url, sid), range(1, NUM_SESSIONS + 1)))
+    new_tokens = 0
+    for answers in sessions:
+        history = 0
+        for answer in answers:
+            assert answer["history_tokens"] == history  # the replica holds every earlier turn
+            history += answer["input_tokens"] + answer["tokens"]
+            new_tokens += answer["input_tokens"]
+    replicas = [cluster.replica_metrics(index) for index in (1, 2)]
+    # Each session lives on exactly one replica (a session split over two would count twice) ...
+    assert sum(one_value(m, "trillm:num_sessions") for m in replicas) == NUM_SESSIONS
+    assert all(one_value(m, "trillm:num_sessions") > 0 for m in replicas)  # ... and both replicas got sessions
+    # ... and each turn prefilled only its new tokens: the history came from the replica's own session.
+    assert sum(one_value(m, "trillm:computed_prompt_tokens_total") for m in replicas) == new_tokens
+    assert sum(one_value(m, "trillm:cached_prompt_tokens_total") for m in replicas) > 0
+
+
+def test_the_session_header_routes_like_the_body_field(cluster: RunningCluster) -> None:
+    with httpx.Client(base_url=cluster.url, timeout=30) as client:
+        first = client.post("/v1/chat/interactive", headers={"x-session-id": "501"},
+                            json={"prompt": "hello", "session_id": 501, "interactive_mode": True,
+                                  "request_output_len": 4})
+        for _ in range(3):  # the header alone decides; the body's id is the same session on the server
+            later = client.post("/v1/chat/interactive", headers={"x-session-id": "501"},
+                                json={"prompt": "again", "session_id": 501, "interactive_mode": True,
+                                      "request_output_len": 4})
+            assert later.status_code == 200 and later.json()["history_tokens"] > 0
+    assert first.status_code == 200 and first.json()["history_tokens"] == 0
+
+
+def test_stateless_requests_spread_over_both_replicas(cluster: RunningCluster) -> None:
+    before = [completions_200(cluster.replica_metrics(index)) for index in (1, 2)]
+    with httpx.Client(base_url=cluster.url, timeout=30) as client, ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda i: completion(client, i).status_code, range(NUM_STATELESS)))
+    assert statuses == [200] * NUM_STATELESS
+    served = [completions_200(cluster.replica_metrics(index)) - before[index - 1] for index in (1, 2)]
+    assert sum(served) == NUM_STATELESS
+    assert min(served) >= NUM_STATELESS // 5, served  # least-connections, 16 at a time: no replica left idle
+
+
+def test_a_killed_replica_fails_only_its_sessions_and_loudly(cluster: RunningCluster) -> None:
+    on_replica_1 = one_value(cluster.replica_metrics(1), "trillm:num_sessions")
+    assert on_replica_1 > 0
+    statuses: list[int] = []
+    with httpx.Client(base_url=cluster.url, timeout=30) as client, ThreadPoolExecutor(16) as pool:
+        load = pool.map(lambda i: completion(client, i).status_code, range(NUM_STATELESS))
+        time.sleep(0.2)  # requests are in flight on both replicas
+        os.kill(cluster.replica_pids[1], signal.SIGKILL)
+        statuses = list(load)
+        assert statuses == [200] * NUM_STATELESS  # retried on replica 2 when replica 1 vanished
+        answers = {sid: turn(client, sid, "one more turn") for sid in range(1, NUM_SESSIONS + 1)}
+    gone = {sid: r for sid, r in answers.items() if r.status_code != 200}
+    assert len(gone) == on_replica_1  # exactly replica 1's sessions
+    for response in gone.values():
+        assert response.status_code in (410, 503), response.text
+        assert response.json()["error"]["code"] == "session_replica_gone"
+    for sid, response in answers.items():
+        if sid not in gone:
+            assert response.json()["history_tokens"] > 0  # replica 2's sessions go on, history intact
+    assert any("replica 1 exited" in line for line in cluster.output) or cluster.process.poll() is None
+
+
+def test_the_cluster_stops_on_sigterm(cluster: RunningCluster) -> None:
+    assert cluster.stop() == 0
+    assert cluster.output[-1].startswith("cluster: stopped")
+    for pid in cluster.replica_pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
