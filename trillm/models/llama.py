@@ -22,7 +22,6 @@ from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trillm.errors import ModelLoadError
@@ -31,6 +30,7 @@ from trillm.models.layers import (
     AttnMeta,
     ColumnParallelLinear,
     KVCache,
+    Linear,
     PackedModulesMapping,
     ReplicatedEmbedding,
     RMSNorm,
@@ -149,6 +149,16 @@ def checkpoint_shapes(args: LlamaArgs) -> dict[str, tuple[int, ...]]:
 # Blocks
 
 
+def projection(ops: Any) -> Linear:
+    """F.linear's signature over the op set's fused_linear (its matrix-vector kernel serves the decode sizes)."""
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out: torch.Tensor = ops.fused_linear(x, weight, bias)[0]
+        return out
+
+    return linear
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query attention over the paged KV cache, this rank's heads only."""
 
@@ -176,19 +186,25 @@ class LlamaAttention(nn.Module):
             rank=rank,
             world_size=world_size,
             all_reduce=all_reduce,
+            linear=projection(ops),
         )
 
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: RMSNorm,
         positions: torch.Tensor,
         cos_sin_cache: torch.Tensor,
         kv_cache: KVCache,
         meta: AttnMeta,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm(hidden + residual) → attention → o_proj; returns (projected, hidden + residual)."""
         num_tokens = hidden.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)  # [num_tokens, *_size] each
+        proj = self.qkv_proj
+        qkv, summed = self.ops.fused_linear(hidden, proj.weight, proj.bias, norm.weight, norm.eps, residual)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)  # [num_tokens, *_size] each
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
@@ -202,7 +218,7 @@ class LlamaAttention(nn.Module):
             )
         out = out.reshape(num_tokens, q_size)  # [num_tokens, num_heads * head_dim]
         projected: torch.Tensor = self.o_proj(out)  # [num_tokens, hidden]
-        return projected
+        return projected, hidden if summed is None else summed
 
 
 class LlamaMLP(nn.Module):
@@ -216,12 +232,22 @@ class LlamaMLP(nn.Module):
             args.hidden_size, {0: ffn, 1: ffn}, bias=args.mlp_bias, rank=rank, world_size=world_size
         )
         self.down_proj = RowParallelLinear(
-            ffn, args.hidden_size, bias=args.mlp_bias, rank=rank, world_size=world_size, all_reduce=all_reduce
+            ffn,
+            args.hidden_size,
+            bias=args.mlp_bias,
+            rank=rank,
+            world_size=world_size,
+            all_reduce=all_reduce,
+            linear=projection(ops),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
-        return out
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm(hidden + residual) → gate_up → SwiGLU → down; returns (out, hidden + residual)."""
+        proj = self.gate_up_proj
+        act, summed = self.ops.fused_linear(hidden, proj.weight, proj.bias, norm.weight, norm.eps, residual, True)
+        assert summed is not None
+        out: torch.Tensor = self.down_proj(act)
+        return out, summed
 
 
 
@@ -245,17 +271,12 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: KVCache,
         meta: AttnMeta,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = self.input_layernorm
-        if residual is None:
-            residual = hidden
-            hidden, _ = self.ops.rms_norm(hidden, norm.weight, norm.eps)
-        else:
-            hidden, residual = self.ops.rms_norm(hidden, norm.weight, norm.eps, residual)
-        hidden = self.self_attn(hidden, positions, cos_sin_cache, kv_cache, meta)
-        norm = self.post_attention_layernorm
-        hidden, residual = self.ops.rms_norm(hidden, norm.weight, norm.eps, residual)
-        assert residual is not None
-        return self.mlp(hidden), residual
+        # Each norm is fused into the projection after it (ops.fused_linear), the residual add into the norm.
+        attended, summed = self.self_attn(
+            hidden, residual, self.input_layernorm, positions, cos_sin_cache, kv_cache, meta
+        )
+        out: tuple[torch.Tensor, torch.Tensor] = self.mlp(attended, summed, self.post_attention_layernorm)
+        return out
 
 
 
@@ -318,7 +339,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [num_rows, hidden] -> [num_rows, vocab] float32
         lm_head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, lm_head.weight).float()
+        logits: torch.Tensor = self.ops.fused_linear(hidden, lm_head.weight)[0]
+        return logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named checkpoint tensors into this rank's (possibly fused, sharded) parameters."""

@@ -10,10 +10,12 @@ Modules, one job each (the `.cu` family each launches in brackets):
     backend.py            compiling and launching: CuPy's NVRTC, or the tests' emulator through `set_backend`
     arguments.py          the checks before every launch, output buffers, pointer and scalar packing
     elementwise.py        rms_norm (rms_norm.cu), silu_and_mul (activation.cu)
+    linear.py             fused_linear: RMSNorm → projection → SwiGLU, one matrix-vector launch up to 8 rows (linear.cu)
     rotary.py             apply_rotary, write_kv_cache, rotary_cache_write (rotary.cu)
     decode_plan.py        which decode kernel a shape runs and the split-KV cost model (no tensors)
     decode_attention.py   paged_decode_attention (decode_attention.cu)
     prefill_attention.py  paged_prefill_attention (prefill_attention.cu)
+    all_reduce.py         one_shot_all_reduce: tensor-parallel sum of small tensors through CUDA IPC slots (all_reduce.cu)
     precompile.py         every instantiation a model shape needs, compiled before CUDA-graph capture
 
 Differences from the reference a caller must know:
@@ -33,6 +35,12 @@ Differences from the reference a caller must know:
 
 from __future__ import annotations
 
+from .all_reduce import AR_BLOCKS as AR_BLOCKS
+from .all_reduce import AR_FLAG_BYTES as AR_FLAG_BYTES
+from .all_reduce import AR_THREADS as AR_THREADS
+from .all_reduce import all_reduce_kernel_name as all_reduce_kernel_name
+from .all_reduce import one_shot_all_reduce as one_shot_all_reduce
+from .all_reduce import region_bytes as region_bytes
 from .arguments import ATTENTION_HEAD_DIMS as ATTENTION_HEAD_DIMS
 from .arguments import ELEMENT_TYPES as ELEMENT_TYPES
 from .arguments import LOG2E as LOG2E
@@ -65,6 +73,9 @@ from .decode_plan import plan_decode as plan_decode
 from .decode_plan import plan_decode_splits as plan_decode_splits
 from .elementwise import rms_norm as rms_norm
 from .elementwise import silu_and_mul as silu_and_mul
+from .linear import GEMV_MAX_ROWS as GEMV_MAX_ROWS
+from .linear import fused_linear as fused_linear
+from .linear import gemv_kernel_name as gemv_kernel_name
 from .precompile import compile_for_model as compile_for_model
 from .precompile import compile_kernels as compile_kernels
 from .precompile import kernel_names as kernel_names

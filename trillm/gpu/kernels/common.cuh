@@ -177,6 +177,34 @@ TRILLM_INLINE float block_sum(float v, float* scratch) {
   return total;
 }
 
+// ---- 16-byte global loads with cache hints ----
+
+// A 16-byte load that will not be reused: read-only path, no L1 allocation (weights stream through once).
+TRILLM_INLINE U4 load_stream(const U4* p) {
+#ifdef TRILLM_EMULATE
+  return *p;
+#else
+  U4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+#endif
+}
+
+// A peer's slot is read past every cache of this GPU (it changes between calls behind our back).
+TRILLM_INLINE U4 load_peer(const U4* p) {
+#ifdef TRILLM_EMULATE
+  return *p;
+#else
+  U4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+#endif
+}
+
 // ---- asynchronous global -> shared copies (sm_80+) ----
 
 TRILLM_INLINE u32 smem_addr(const void* p) {

@@ -15,6 +15,7 @@ import torch
 from trillm.gpu.kernels.arguments import ELEMENT_TYPES
 from trillm.gpu.kernels.backend import get_backend
 from trillm.gpu.kernels.decode_plan import DECODE_MMA_STAGES, decode_group_tile
+from trillm.gpu.kernels.linear import GEMV_MAX_ROWS, gemv_kernel_name
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,11 @@ def kernel_names(dtype: torch.dtype, *, head_dim: int, num_heads: int, num_kv_he
         *[("decode_attention", f"paged_decode_mma_kernel<{ctype}, {head_dim}, {st}>") for st in DECODE_MMA_STAGES],
         ("decode_attention", f"paged_decode_merge_kernel<{ctype}, {head_dim}>"),
         ("prefill_attention", f"paged_prefill_kernel<{ctype}, {head_dim}>"),
+        *[
+            ("linear", gemv_kernel_name(dtype, rows, norm=norm, swiglu=swiglu))
+            for rows in range(1, GEMV_MAX_ROWS + 1)
+            for norm, swiglu in ((True, False), (False, False), (True, True))  # qkv; o, down, lm_head; gate_up
+        ],
     ]
 
 
