@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: serve test setup clean bench-offline cluster haproxy
+.PHONY: serve test setup ui browser clean bench-offline cluster haproxy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ setup: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/trillm serve api_server $(ARGS)
+
+# `trillm serve gradio` needs gradio (the `ui` extra; the dev set-up above already brings it)
+ui: $(STAMP)
+	$(PIP) install -e '.[ui]'
+
+# Debian's Chromium, for the web chat's browser test (tests/ui/test_web_chat.py skips without it); needs root
+browser:
+	apt-get update && apt-get install -y chromium
 
 test: $(STAMP)
 	$(PY) -m mypy trillm tests/http/http_fakes.py

@@ -1,8 +1,9 @@
-"""The `trillm` command line: flags → ServerConfig, help, stubs, and a served model that drains on SIGTERM."""
+"""The `trillm` command line: flags → ServerConfig, help, --version, and a served model that drains on SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -79,11 +80,42 @@ def test_bad_value_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[str]) -
 
 
 @pytest.mark.parametrize("target", ["api_client", "gradio"])
-def test_unimplemented_targets_say_so(target: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_client_targets_take_a_url_and_explain_themselves(target: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["serve", target, "http://localhost:23333"])
+        main(["serve", target, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: trillm serve {target} [-h] [--api-key KEY]" in text and "URL" in text
+    assert "rest" not in text and "trillm serve " + target + " http://localhost:23333" in text
+    with pytest.raises(SystemExit) as info:
+        main(["serve", target])
+    assert info.value.code == 2 and "the following arguments are required: URL" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert re.fullmatch(r"trillm \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+
+
+def test_gradio_without_the_ui_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "gradio", "http://localhost:23333"])
     assert info.value.code == 2
-    assert f"`serve {target}` is not implemented yet" in capsys.readouterr().err
+    assert "gradio is not installed; install the `ui` extra: .venv/bin/pip install -e '.[ui]'" in (
+        capsys.readouterr().err)
+
+
+def test_api_client_exits_1_naming_a_server_that_is_down(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["serve", "api_client", url]) == 1
+    assert f"cannot reach the server at {url}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -120,7 +152,7 @@ def test_serve_prints_the_url_serves_and_drains_on_sigterm(smollm2_folder: str, 
 def test_python_dash_m_runs_the_same_main() -> None:
     result = subprocess.run([sys.executable, "-m", "trillm", "serve", "gradio"], capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 2 and "not implemented yet" in result.stderr
+    assert result.returncode == 2 and "the following arguments are required: URL" in result.stderr
 
 
 @pytest.mark.slow

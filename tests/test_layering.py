@@ -10,6 +10,7 @@ The diagram the tree must be: http → actors → protocol ← gpu; policy pure 
 | config-is-a-leaf    | config.py          | stdlib, attrs                                                             |
 | client-stands-alone | client.py          | stdlib, httpx (no server layer: `import trillm` loads it)                 |
 | package-is-light    | __init__.py        | stdlib, client                                                            |
+| ui-is-a-client      | ui/                | stdlib, client, ui/, gradio; only ui/ and cli.py import ui/ or gradio     |
 | protocol-at-bottom  | protocol/          | stdlib, attrs, protocol/                                                  |
 | policy-is-pure      | policy/            | stdlib, attrs, protocol/, policy/, config                                 |
 | actors-are-trio     | actors/            | stdlib, attrs, trio, actors/, protocol/, policy/, config, errors,         |
@@ -43,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__.py": {STDLIB, "trillm.client"},
     "protocol/": {STDLIB, "attrs", "trillm.protocol"},
     "policy/": {STDLIB, "attrs", "trillm.protocol", "trillm.policy", "trillm.config"},
+    "ui/": {STDLIB, "trillm.client", "trillm.ui", "gradio"},
     "actors/engine.py": ACTOR_IMPORTS | {"trillm.models.loader"},
     "actors/": ACTOR_IMPORTS,
 }
@@ -177,6 +179,26 @@ def test_no_package_cycles() -> None:
 
 def test_the_cycle_finder_finds_a_planted_cycle() -> None:
     assert find_cycle({"actors": {"protocol", "gpu"}, "gpu": {"protocol", "actors"}, "protocol": set()}) == [
+def ui_violations(relative: str, names: set[str]) -> list[str]:
+    """The user interfaces (and gradio) a module outside ui/ and cli.py imports: serving never loads them."""
+    if relative.startswith("ui/") or relative == "cli.py":
+        return []
+    return sorted(n for n in names if matches(n, "trillm.ui") or matches(n, "gradio"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(PACKAGE)) for p in MODULES])
+def test_only_the_cli_reaches_the_user_interfaces(path: Path) -> None:
+    assert ui_violations(path.relative_to(PACKAGE).as_posix(), file_imports(path)) == []
+
+
+def test_the_ui_rules_flag_a_server_import_of_the_ui() -> None:
+    assert ui_violations("http/app.py", {"trillm.ui.web_chat", "quart"}) == ["trillm.ui.web_chat"]
+    assert ui_violations("__init__.py", {"gradio", "trillm.client"}) == ["gradio"]
+    assert ui_violations("cli.py", {"trillm.ui.terminal"}) == []
+    assert violations("ui/web_chat.py", {"gradio", "trillm.client", "trillm.http.app", "torch"}) == [
+        "torch", "trillm.http.app"]
+
+
         "actors", "gpu", "actors",
     ]
     assert find_cycle({"http": {"actors"}, "actors": {"protocol"}, "gpu": {"protocol"}}) is None

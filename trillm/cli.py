@@ -5,13 +5,15 @@ Flags carry LMDeploy's names (API.md, CLI); each is accepted with `-` or `_` bet
 (new requests get 503, requests in flight finish, for at most --graceful-timeout seconds; a second signal stops at
 once), then hypercorn closes the listeners and the engine shuts down.
 
-`trillm serve api_client` and `trillm serve gradio` are planned (API.md) but not implemented yet: they exit with an
-error saying so.
+`trillm serve api_client URL` (a terminal chat) and `trillm serve gradio URL` (a web chat) talk to a running server;
+their code lives in `trillm/ui/`, imported only when one of them runs, so serving never loads it (nor gradio).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import logging
 import signal
 import sys
@@ -26,7 +28,9 @@ from trillm.config import DEFAULT_MODEL, EngineConfig, ServerConfig
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-NOT_IMPLEMENTED = ("api_client", "gradio")
+DEFAULT_SERVER_URL = "http://localhost:23333"
+GRADIO_PORT = 6006
+UI_INSTALL = ".venv/bin/pip install -e '.[ui]'"  # `make ui` runs it
 
 
 def _normalize(argv: Sequence[str]) -> list[str]:
@@ -119,15 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_flags(api_server)
     _add_server_flags(api_server)
-    for name in NOT_IMPLEMENTED:
-        stub = targets.add_parser(name, help="not implemented yet")
-        stub.add_argument("rest", nargs=argparse.REMAINDER)
+    _add_api_client(targets)
+    _add_gradio(targets)
     return parser
 
 
 def _fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The flags given for `cls`'s fields (unset flags keep the config's defaults)."""
     values = {}
+    parser.add_argument("--version", action="version", version=f"trillm {_version()}")
     for field in attrs.fields(cls):
         value = getattr(args, field.name, None)
         if value is None or field.name == "engine":
@@ -144,6 +148,52 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """
     engine = EngineConfig(**_fields(EngineConfig, args))
     return ServerConfig(engine=engine, **_fields(ServerConfig, args))
+def _version() -> str:
+    try:
+        return importlib.metadata.version("trillm")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _add_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("api_server_url", metavar="URL",
+                        help=f"the address of a running `trillm serve api_server`, e.g. {DEFAULT_SERVER_URL}")
+    parser.add_argument("--api-key", metavar="KEY",
+                        help="sent as 'Authorization: Bearer KEY', for a server started with --api-keys")
+
+
+def _add_api_client(targets: Any) -> None:
+    parser = targets.add_parser(
+        "api_client", help="chat with a running server in this terminal",
+        description="Chat with a running server in this terminal, over /v1/chat/interactive (the server keeps the "
+                    "conversation). End a message with an empty line. Type `end` to end the session and start a "
+                    "new one, `exit` (or Ctrl-D) to end it and quit. Ctrl-C stops the answer being written and "
+                    "keeps the session.",
+        epilog=f"example: trillm serve api_client {DEFAULT_SERVER_URL}",
+    )
+    _add_url(parser)
+    parser.add_argument("--session-id", type=int, metavar="N",
+                        help="the interactive session to talk in, e.g. one an APIClient script started "
+                             "(default: a new random id, printed at start)")
+
+
+def _add_gradio(targets: Any) -> None:
+    parser = targets.add_parser(
+        "gradio", help="a web chat page for a running server",
+        description="Serve a web chat page (gradio) for a running server: streamed answers, Cancel and Reset "
+                    "buttons, sliders for max new tokens, top_p and temperature, one interactive session per "
+                    f"browser tab. Needs the `ui` extra: {UI_INSTALL} (or `make ui`).",
+        epilog=f"example: trillm serve gradio {DEFAULT_SERVER_URL} --server-name 127.0.0.1 --server-port "
+               f"{GRADIO_PORT}",
+    )
+    _add_url(parser)
+    parser.add_argument("--server-name", default="0.0.0.0",
+                        help="address the page listens on (default 0.0.0.0: every interface; 127.0.0.1 keeps it "
+                             "to this machine)")
+    parser.add_argument("--server-port", type=int, default=GRADIO_PORT,
+                        help=f"port the page listens on (default {GRADIO_PORT})")
+
+
 
 
 async def _wait_for_shutdown(state: Any, grace_s: float) -> None:
@@ -214,8 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `trillm` command."""
     parser = build_parser()
     args = parser.parse_args(_normalize(sys.argv[1:] if argv is None else argv))
-    if args.target in NOT_IMPLEMENTED:
-        parser.exit(2, f"trillm: `serve {args.target}` is not implemented yet\n")
+    if args.target == "api_client":
+        return _run_api_client(args)
+    if args.target == "gradio":
+        return _run_gradio(parser, args)
     try:
         config = config_from_args(args)
     except ValueError as exc:
@@ -232,3 +284,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trillm: {_leaf(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_api_client(args: argparse.Namespace) -> int:
+    """`serve api_client`: the terminal chat."""
+    from trillm.ui.terminal import chat_in_terminal
+
+    try:
+        return chat_in_terminal(args.api_server_url, api_key=args.api_key, session_id=args.session_id)
+    except KeyboardInterrupt:  # a second Ctrl-C while the session was being ended
+        return 130
+
+
+def _run_gradio(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`serve gradio`: the web chat, once gradio is known to be installed."""
+    if importlib.util.find_spec("gradio") is None:
+        parser.exit(2, f"trillm serve gradio: gradio is not installed; install the `ui` extra: {UI_INSTALL} "
+                       "(or `make ui`)\n")
+    from trillm.ui.web_chat import serve_web_chat
+
+    try:
+        return serve_web_chat(args.api_server_url, api_key=args.api_key, server_name=args.server_name,
+                              server_port=args.server_port)
+    except KeyboardInterrupt:
+        return 0
