@@ -17,7 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/env-$part.txt"
-STEPS=(python3 -m bench.offline steps --model random:llama2-7b --dtype bfloat16 --batch 1 32 --context 1024
+STEPS=(python3 -m bench.offline steps --model random:llama2-7b --dtype bfloat16 --batch 1 8 32 --context 1024
        --prefill-len 1024 --decode-steps 40 --repeats 3 --out-dir "$OUT" --git-commit "$commit")
 ENGINE=(python3 -m bench.offline engine --model random:llama2-7b --tokenizer .device/tok --dtype bfloat16 --batch 1
         --prompt-len 1024 --output-len 128 --session-len 4096 --out-dir "$OUT" --git-commit "$commit")
@@ -26,11 +26,11 @@ single)
   export CUDA_VISIBLE_DEVICES=0
   timeout 240 python3 -m pytest -m gpu tests/gpu/test_kernels.py tests/gpu/test_runner_cuda.py -p no:cacheprovider -q \
     -x 2>&1 | tail -15 | tee "$OUT/gpu-tests.log"
-  timeout 120 python3 -m bench.kernels --only linear,prefill --out-dir "$OUT" --git-commit "$commit" 2>&1 \
+  timeout 120 python3 -m bench.kernels --only linear --out-dir "$OUT" --git-commit "$commit" 2>&1 \
     | grep -v '^{' | tail -40 | tee "$OUT/kernels.log"
   TRILLM_GEMV_MAX_ROWS=0 timeout 120 "${STEPS[@]}" 2>&1 | tail -6 | tee "$OUT/steps-cublas.log"
   timeout 120 "${STEPS[@]}" 2>&1 | tail -6 | tee "$OUT/steps-gemv.log"
-  timeout 150 python3 -m pytest -m gpu tests/gpu/test_cold_start.py -p no:cacheprovider -q -s 2>&1 | tail -6 \
+  timeout 150 python3 -m pytest -m gpu tests/gpu/test_cold_start.py -p no:cacheprovider -q -s 2>&1 | tail -30 \
     | tee "$OUT/cold-start.log"
   ;;
 tp)

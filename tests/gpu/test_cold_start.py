@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.served import ServedProcess
+from served import ServedProcess
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -33,6 +33,7 @@ import torch
 
 from trillm.gpu import kernels, reference
 from trillm.gpu.kernels import arguments as kernel_arguments
+from trillm.gpu.kernels import linear as kernel_linear
 
 PUBLIC_OPS = (
     "rms_norm",
@@ -105,6 +106,8 @@ def test_layout_constants_agree_with_the_cuda_sources() -> None:
     assert _cu_constant("prefill_attention", "PF_WARPS") == kernels.PREFILL_WARPS
     assert _cu_constant("prefill_attention", "PF_BM") == kernels.PREFILL_BLOCK_M
     assert _cu_constant("prefill_attention", "PF_BN") == kernels.PREFILL_BLOCK_N
+    assert _cu_constant("linear", "LIN_WARPS") == kernel_linear.GEMV_WARPS
+    assert _cu_constant("linear", "LIN_ROWS") == kernel_linear.GEMV_ROWS_PER_WARP
 
 
 def test_split_model_never_splits_a_full_batch_and_splits_batch_one() -> None:
@@ -373,6 +376,7 @@ def test_silu_and_mul_matches_reference(dev: torch.device, dtype: torch.dtype, n
 # multiple of its 256-feature stride, n_out not a multiple of its 8 columns per CTA), 9 the cuBLAS composition.
 LINEAR_CASES = [
     (1, 264, 13, False, False, False, False, 0),
+    (2, 1048, 70, True, True, True, True, 0),
     (1, 512, 40, True, False, False, False, 0),
     (3, 328, 24, True, True, False, True, 8),
     (8, 256, 17, True, True, True, False, 0),

@@ -8,42 +8,25 @@
 // Layouts (row-major): x, residual [M, k] with row stride x_stride (elements; rows 16-byte aligned);
 // norm_weight [k]; weight [n_w, k] contiguous with n_w = n_out, or 2 * n_out with SWIGLU (gate rows, then up rows);
 // bias [n_w] or null; out [M, n_out]; residual_out [M, k] (x + residual, written when residual is given).
-// Mapping: grid = (ceil(n_out / LIN_WARPS)); block = LIN_WARPS warps; warp w of block b owns output column
-// b * LIN_WARPS + w: its lanes stride over k in 16-byte vectors (k % 8 == 0), LIN_UNROLL vectors of each weight row
-// in flight per lane (streamed past L1), x re-read through L1 (it is tiny and shared by every warp), fp32
-// accumulators reduced across the warp at the end. No shared memory, no block barrier.
+// Mapping: grid = (ceil(n_out / (LIN_WARPS * cols))); block = LIN_WARPS warps; each warp owns `cols` consecutive
+// output columns (LIN_ROWS weight rows: 4 columns, or 2 gate/up pairs with SWIGLU). Its lanes stride over k in
+// 16-byte vectors (k % 8 == 0): a lane loads one vector of x per row m and uses it for all LIN_ROWS weight rows
+// (register reuse keeps x traffic at M/LIN_ROWS of the weight traffic), with LIN_UNROLL vectors of every weight
+// row in flight (streamed past L1). fp32 accumulators are reduced across the warp at the end. Columns past n_out
+// read row 0 and store nothing.
 //
-// NORM: every warp computes the row's inverse RMS itself (one read of x, and residual, from L2/L1) after issuing its
-// first weight loads, so the prologue hides under them; warp 0 of block 0 writes residual_out. Roundings follow
-// the unfused ops: x + residual rounded to T, x * inv_rms rounded to T, times the norm weight rounded to T, the
-// projection rounded to T (after its bias), and SwiGLU's product rounded once.
+// NORM: the block first forms the normalised input in shared memory (M x k elements of T): x (+ residual, rounded
+// to T; block 0 also writes it to residual_out), the row's inverse RMS by a block reduction, then x * inv_rms
+// rounded to T, times the norm weight, rounded to T — the unfused ops' roundings. The first weight loads are issued
+// before this prologue, so it hides under them. The projection is rounded to T after its bias, SwiGLU's product once.
 #include "common.cuh"
 
-constexpr int LIN_WARPS = 8;
-constexpr int LIN_UNROLL = 4;
+constexpr int LIN_WARPS = 4;
+constexpr int LIN_ROWS = 4;
+constexpr int LIN_UNROLL = 2;
 
 TRILLM_INLINE float round_to(float f, bool is_bf16) {
   return is_bf16 ? Elem<bf16_t>::to_float(Elem<bf16_t>::from_float(f)) : Elem<fp16_t>::to_float(Elem<fp16_t>::from_float(f));
-}
-
-// The 8 input features of vector `v` of row `m`, as the projection sees them (normalised when NORM).
-template <typename T, int NORM>
-TRILLM_INLINE void input_vector(float f[8], const T* __restrict__ x, const T* __restrict__ residual,
-                                const T* __restrict__ norm_weight, int m, int v, int x_stride, float inv_rms) {
-  constexpr bool is_bf16 = Elem<T>::is_bf16;
-  unpack8<T>(reinterpret_cast<const U4*>(x + i64(m) * x_stride)[v], f);
-  if (NORM) {
-    if (residual != nullptr) {
-      float r[8];
-      unpack8<T>(reinterpret_cast<const U4*>(residual + i64(m) * x_stride)[v], r);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) f[j] = round_to(f[j] + r[j], is_bf16);
-    }
-    float w[8];
-    unpack8<T>(reinterpret_cast<const U4*>(norm_weight)[v], w);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) f[j] = round_to(round_to(f[j] * inv_rms, is_bf16) * w[j], is_bf16);
-  }
 }
 
 template <typename T, int M, int NORM, int SWIGLU>
@@ -51,55 +34,73 @@ __global__ void __launch_bounds__(LIN_WARPS * 32)
     gemv_kernel(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
                 const T* __restrict__ residual, const T* __restrict__ norm_weight, const T* __restrict__ weight,
                 const T* __restrict__ bias, int n_out, int k, int x_stride, float eps) {
-  constexpr int NW = SWIGLU ? 2 : 1;  // weight rows per output column
+  constexpr int NW = SWIGLU ? 2 : 1;     // weight rows per output column
+  constexpr int COLS = LIN_ROWS / NW;    // output columns per warp
   constexpr bool is_bf16 = Elem<T>::is_bf16;
+  TRILLM_DYNAMIC_SMEM(x_smem);           // NORM: the normalised input, [M][k] elements of T
+  __shared__ float scratch[32];
   const int lane = threadIdx.x % 32;
-  const int col = blockIdx.x * LIN_WARPS + threadIdx.x / 32;
-  if (col >= n_out) return;
+  const int col0 = (blockIdx.x * LIN_WARPS + threadIdx.x / 32) * COLS;
   const int num_vecs = k / 8;
-  const U4* w_rows[NW];
+  const U4* w_rows[LIN_ROWS];
 #pragma unroll
-  for (int r = 0; r < NW; ++r) w_rows[r] = reinterpret_cast<const U4*>(weight + (i64(col) + i64(r) * n_out) * k);
+  for (int c = 0; c < COLS; ++c)
+#pragma unroll
+    for (int r = 0; r < NW; ++r) {
+      const i64 row = col0 + c < n_out ? i64(col0 + c) + i64(r) * n_out : 0;  // past n_out: a harmless read
+      w_rows[c * NW + r] = reinterpret_cast<const U4*>(weight + row * k);
+    }
 
-  // The first weight vectors are requested before the prologue's reads of x, so the two overlap.
-  U4 wv[LIN_UNROLL][NW];
+  // The first weight vectors are requested before the prologue, so the two overlap.
+  U4 wv[LIN_UNROLL][LIN_ROWS];
 #pragma unroll
   for (int u = 0; u < LIN_UNROLL; ++u) {
     const int v = u * 32 + lane;
 #pragma unroll
-    for (int r = 0; r < NW; ++r) wv[u][r] = v < num_vecs ? load_stream(w_rows[r] + v) : U4{0, 0, 0, 0};
+    for (int r = 0; r < LIN_ROWS; ++r) wv[u][r] = v < num_vecs ? load_stream(w_rows[r] + v) : U4{0, 0, 0, 0};
   }
 
-  float inv_rms[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) inv_rms[m] = 1.f;
   if (NORM) {
-    const bool writes_sum = residual != nullptr && blockIdx.x == 0 && threadIdx.x < 32;
-#pragma unroll
+    trap_if(dynamic_smem_bytes() < u32(M) * u32(num_vecs) * 16u);
+    const U4* w_norm = reinterpret_cast<const U4*>(norm_weight);
     for (int m = 0; m < M; ++m) {
+      const U4* x_row = reinterpret_cast<const U4*>(x + i64(m) * x_stride);
+      const U4* r_row = reinterpret_cast<const U4*>(residual + i64(m) * x_stride);
+      U4* row_smem = x_smem + m * num_vecs;
       float sum_sq = 0.f;
-      for (int v = lane; v < num_vecs; v += 32) {
+      for (int v = threadIdx.x; v < num_vecs; v += blockDim.x) {
+        U4 xv = x_row[v];
         float f[8];
-        unpack8<T>(reinterpret_cast<const U4*>(x + i64(m) * x_stride)[v], f);
+        unpack8<T>(xv, f);
         if (residual != nullptr) {
           float r[8];
-          unpack8<T>(reinterpret_cast<const U4*>(residual + i64(m) * x_stride)[v], r);
+          unpack8<T>(r_row[v], r);
 #pragma unroll
           for (int j = 0; j < 8; ++j) f[j] += r[j];
-          const U4 sum = pack8<T>(f);
-          unpack8<T>(sum, f);  // rounded to T, as the separate add would leave it
-          if (writes_sum) reinterpret_cast<U4*>(residual_out + i64(m) * k)[v] = sum;
+          xv = pack8<T>(f);
+          unpack8<T>(xv, f);  // rounded to T, as the separate add would leave it
+          if (blockIdx.x == 0) reinterpret_cast<U4*>(residual_out + i64(m) * k)[v] = xv;
         }
+        row_smem[v] = xv;
 #pragma unroll
         for (int j = 0; j < 8; ++j) sum_sq += f[j] * f[j];
       }
-      inv_rms[m] = rsqrtf(warp_sum(sum_sq) / float(k) + eps);
+      const float inv_rms = rsqrtf(block_sum(sum_sq, scratch) / float(k) + eps);  // its barriers publish row_smem
+      for (int v = threadIdx.x; v < num_vecs; v += blockDim.x) {
+        float f[8], w[8];
+        unpack8<T>(row_smem[v], f);
+        unpack8<T>(w_norm[v], w);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = round_to(f[j] * inv_rms, is_bf16) * w[j];
+        row_smem[v] = pack8<T>(f);
+      }
     }
+    __syncthreads();
   }
 
-  float acc[NW][M];
+  float acc[LIN_ROWS][M];
 #pragma unroll
-  for (int r = 0; r < NW; ++r)
+  for (int r = 0; r < LIN_ROWS; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = 0.f;
 
@@ -108,15 +109,15 @@ __global__ void __launch_bounds__(LIN_WARPS * 32)
     for (int u = 0; u < LIN_UNROLL; ++u) {
       const int v = base + u * 32 + lane;
       if (v < num_vecs) {
-        float wf[NW][8];
+        float wf[LIN_ROWS][8];
 #pragma unroll
-        for (int r = 0; r < NW; ++r) unpack8<T>(wv[u][r], wf[r]);
+        for (int r = 0; r < LIN_ROWS; ++r) unpack8<T>(wv[u][r], wf[r]);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           float xf[8];
-          input_vector<T, NORM>(xf, x, residual, norm_weight, m, v, x_stride, inv_rms[m]);
+          unpack8<T>(NORM ? x_smem[m * num_vecs + v] : reinterpret_cast<const U4*>(x + i64(m) * x_stride)[v], xf);
 #pragma unroll
-          for (int r = 0; r < NW; ++r)
+          for (int r = 0; r < LIN_ROWS; ++r)
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[r][m] += wf[r][j] * xf[j];
         }
@@ -124,23 +125,26 @@ __global__ void __launch_bounds__(LIN_WARPS * 32)
       // Refill this slot with the vector LIN_UNROLL * 32 further on: a whole round of loads stays in flight.
       const int next = v + LIN_UNROLL * 32;
 #pragma unroll
-      for (int r = 0; r < NW; ++r) wv[u][r] = next < num_vecs ? load_stream(w_rows[r] + next) : U4{0, 0, 0, 0};
+      for (int r = 0; r < LIN_ROWS; ++r) wv[u][r] = next < num_vecs ? load_stream(w_rows[r] + next) : U4{0, 0, 0, 0};
     }
   }
 
 #pragma unroll
-  for (int r = 0; r < NW; ++r)
+  for (int r = 0; r < LIN_ROWS; ++r)
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[r][m] = warp_sum(acc[r][m]);
-  if (lane < M) {
-    // Lane m writes row m (registers are indexed with compile-time m only, so the value is picked by a loop).
+  // Lane c * M + m stores column col0 + c of row m (registers take compile-time indices, hence the loop).
+#pragma unroll
+  for (int c = 0; c < COLS; ++c) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      if (m != lane) continue;
-      float y = acc[0][m] + (bias != nullptr ? Elem<T>::to_float(reinterpret_cast<const u16*>(bias)[col]) : 0.f);
+      const int col = col0 + c;
+      if (lane != c * M + m || col >= n_out) continue;
+      float y = acc[c * NW][m] + (bias != nullptr ? Elem<T>::to_float(reinterpret_cast<const u16*>(bias)[col]) : 0.f);
       y = round_to(y, is_bf16);
       if (SWIGLU) {
-        float up = acc[NW - 1][m] + (bias != nullptr ? Elem<T>::to_float(reinterpret_cast<const u16*>(bias)[n_out + col]) : 0.f);
+        float up = acc[c * NW + NW - 1][m];
+        if (bias != nullptr) up += Elem<T>::to_float(reinterpret_cast<const u16*>(bias)[n_out + col]);
         up = round_to(up, is_bf16);
         y = y / (1.f + __expf(-y)) * up;
       }

@@ -24,7 +24,9 @@ from trillm.gpu.kernels.elementwise import rms_norm, silu_and_mul
 log = logging.getLogger(__name__)
 
 GEMV_MAX_ROWS = 8  # the kernel's row counts are template instantiations 1..8 (accumulators live in registers)
-GEMV_WARPS = 8  # must equal linear.cu's LIN_WARPS
+GEMV_WARPS = 4  # must equal linear.cu's LIN_WARPS
+GEMV_ROWS_PER_WARP = 4  # linear.cu's LIN_ROWS: weight rows per warp (2 gate/up column pairs with SwiGLU)
+GEMV_MAX_SMEM_BYTES = 160 * 1024  # the normalised input staged in shared memory (rows x in_features)
 
 
 @functools.cache
@@ -72,14 +74,18 @@ def fused_linear(
         check_shape(norm_weight, "norm_weight", (k,))
     if residual is not None:
         check_shape(residual, "residual", (num_tokens, k))
-    if num_tokens == 0 or num_tokens > gemv_row_limit() or not _fits_gemv(x, weight, residual, k):
+    smem_bytes = num_tokens * k * x.element_size() if norm_weight is not None else 0
+    if (num_tokens == 0 or num_tokens > gemv_row_limit() or smem_bytes > GEMV_MAX_SMEM_BYTES
+            or not _fits_gemv(x, weight, residual, k)):
         return _composed(x, weight, bias, norm_weight, eps, residual, silu_mul)
     out = arguments.empty((num_tokens, n_out), x.dtype, device)
     residual_out = None if residual is None else arguments.empty((num_tokens, k), x.dtype, device)
     name = gemv_kernel_name(x.dtype, num_tokens, norm=norm_weight is not None, swiglu=silu_mul)
     args = (ptr(out), ptr(residual_out), ptr(x), ptr(residual), ptr(norm_weight), ptr(weight), ptr(bias),
             i32(n_out), i32(k), i32(x.stride(0)), f32(eps))  # fmt: skip
-    backend.launch("linear", name, (math.ceil(n_out / GEMV_WARPS), 1, 1), (GEMV_WARPS * 32, 1, 1), 0, args, device)
+    columns_per_cta = GEMV_WARPS * (GEMV_ROWS_PER_WARP // 2 if silu_mul else GEMV_ROWS_PER_WARP)
+    backend.launch("linear", name, (math.ceil(n_out / columns_per_cta), 1, 1), (GEMV_WARPS * 32, 1, 1), smem_bytes,
+                   args, device)  # fmt: skip
     return out, residual_out
 
 
