@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import inspect
+import itertools
 import math
 import os
 import re
@@ -414,6 +415,37 @@ def test_fused_linear_rejects_a_residual_without_a_norm() -> None:
     x = torch.zeros(1, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="norm_weight"):
         reference.fused_linear(x, torch.zeros(8, 8, dtype=torch.bfloat16), residual=x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "lens"), [(8, 2, [37, 300, 1]), (4, 4, [128])])
+def test_fresh_prefill_attention_matches_the_paged_reference(num_heads: int, num_kv_heads: int, lens: list[int]) -> None:
+    """Prompts from position 0 attended over their own k/v (varlen flash) equal the reference over the paged cache."""
+    dev, dtype, head_dim, block_size = torch.device("cuda"), torch.bfloat16, 128, 16
+    gen = torch.Generator().manual_seed(sum(lens))
+    num_tokens = sum(lens)
+    q = rand(gen, num_tokens, num_heads, head_dim, dtype=dtype, device=dev)
+    k = rand(gen, num_tokens, num_kv_heads, head_dim, dtype=dtype, device=dev)
+    v = rand(gen, num_tokens, num_kv_heads, head_dim, dtype=dtype, device=dev)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
+    out = kernels.fresh_prefill_attention(q, k, v, cu, max(lens), head_dim**-0.5)
+    assert out is not None, "torch's varlen flash attention should run on this GPU"
+    tables, num_blocks = paged_layout(gen, lens, block_size, torch.device("cpu"))
+    k_cache = torch.zeros(num_blocks, num_kv_heads, block_size, head_dim, dtype=torch.float64)
+    v_cache = torch.zeros_like(k_cache)
+    for s, (start, length) in enumerate(zip(cu.tolist(), lens)):
+        for i in range(length):
+            block, offset = int(tables[s, i // block_size]), i % block_size
+            k_cache[block, :, offset] = k[start + i].double().cpu()
+            v_cache[block, :, offset] = v[start + i].double().cpu()
+    ref = reference.paged_prefill_attention(q.double().cpu(), k_cache, v_cache, tables, cu.cpu(),
+                                            torch.tensor(lens, dtype=torch.int32), head_dim**-0.5)  # fmt: skip
+    assert_close(out, ref, dtype, "fresh_prefill_attention")
+
+
+def test_fresh_prefill_attention_declines_cpu_tensors() -> None:
+    x = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    assert kernels.fresh_prefill_attention(x, x, x, torch.tensor([0, 4], dtype=torch.int32), 4, 0.125) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -214,12 +214,14 @@ class BatchInputBuilder:
         else:
             tensors = [torch.from_numpy(a) for a in arrays]
         input_ids, positions, slot_mapping, block_tables, context_lens, cu_seqlens, sample_rows = tensors
+        fresh = not plan.is_decode_only and all(s.start_pos == 0 for s in plan.seqs)
         meta = AttnMeta(
             slot_mapping=slot_mapping,
             block_tables=block_tables,
             context_lens=context_lens,
             cu_seqlens_q=cu_seqlens,
             is_decode=plan.is_decode_only,
+            fresh_max_len=max(s.num_tokens for s in plan.seqs) if fresh else 0,
         )
         return StepInputs(input_ids=input_ids, positions=positions, meta=meta, sample_rows=sample_rows,
                           specs=specs, sample_seq_ids=seq_ids)  # fmt: skip

@@ -210,8 +210,13 @@ class LlamaAttention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
         k_cache, v_cache = kv_cache
         q, k = self.ops.rotary_cache_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
+        fresh_attention = getattr(self.ops, "fresh_prefill_attention", None)
         if meta.is_decode:
             out = self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
+        elif meta.fresh_max_len and fresh_attention is not None and (
+            fresh := fresh_attention(q, k, v, meta.cu_seqlens_q, meta.fresh_max_len, self.scale)
+        ) is not None:
+            out = fresh  # no cached context: this step's own k/v, attended contiguously
         else:
             out = self.ops.paged_prefill_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q, meta.context_lens, self.scale

@@ -7,6 +7,7 @@ prefill and prefix-cache hits alike.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -71,4 +72,42 @@ def paged_prefill_attention(
     )  # fmt: skip
     backend.launch("prefill_attention", f"paged_prefill_kernel<{ctype}, {head_dim}>", (max_tiles, num_heads, 1),
                    (PREFILL_WARPS * 32, 1, 1), prefill_smem_bytes(head_dim), args, device)
+    return out
+
+
+_varlen_attn: Any = None  # torch.nn.attention.varlen.varlen_attn once found; False where it cannot run
+
+
+def fresh_prefill_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], prompts packed back to back, each from position 0
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]: this step's keys (already rotated)
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cu_seqlens_q: torch.Tensor,  # [num_seqs + 1] int32
+    max_len: int,  # the longest prompt
+    scale: float,
+) -> torch.Tensor | None:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of prompts with no cached context, over their own k/v: torch's varlen flash attention.
+
+    A prefill from position 0 reads no KV cache, so the paged kernel's gathers buy nothing there, and FlashAttention
+    is 2.6x faster than our paged kernel on the 7B shape (bench.kernels). Returns None where torch has no usable
+    varlen flash attention (CPU tensors, a build without it); the caller then runs `paged_prefill_attention`.
+    """
+    global _varlen_attn
+    if _varlen_attn is False or q.device.type != "cuda":
+        return None
+    if _varlen_attn is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _varlen_attn = False
+            return None
+        _varlen_attn = varlen_attn
+    try:
+        out: torch.Tensor = _varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_q,
+                                         max_len, max_len, scale=scale, window_size=(-1, 0),
+                                         enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        log.warning("varlen flash attention unavailable (%s); prefills use the paged kernel", exc)
+        _varlen_attn = False
+        return None
     return out
