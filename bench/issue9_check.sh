@@ -26,7 +26,7 @@ single)
   export CUDA_VISIBLE_DEVICES=0
   timeout 240 python3 -m pytest -m gpu tests/gpu/test_kernels.py tests/gpu/test_runner_cuda.py -p no:cacheprovider -q \
     -x 2>&1 | tail -15 | tee "$OUT/gpu-tests.log"
-  timeout 120 python3 -m bench.kernels --only linear --out-dir "$OUT" --git-commit "$commit" 2>&1 \
+  timeout 120 python3 -m bench.kernels --only linear,prefill --out-dir "$OUT" --git-commit "$commit" 2>&1 \
     | grep -v '^{' | tail -40 | tee "$OUT/kernels.log"
   TRILLM_GEMV_MAX_ROWS=0 timeout 120 "${STEPS[@]}" 2>&1 | tail -6 | tee "$OUT/steps-cublas.log"
   timeout 120 "${STEPS[@]}" 2>&1 | tail -6 | tee "$OUT/steps-gemv.log"
