@@ -128,7 +128,10 @@ class Cluster:
         return 1
 
     def stop(self) -> None:
-        """Drain the replicas (SIGTERM) and soft-stop HAProxy (SIGUSR1); kill what outlives the grace period."""
+        """Drain the replicas (SIGTERM) and soft-stop HAProxy (SIGUSR1); kill what outlives the grace period.
+
+        A second SIGINT or SIGTERM while they drain kills them at once.
+        """
         live = [process for process in self.replicas if process.poll() is None]
         for process in live:
             process.send_signal(signal.SIGTERM)
@@ -136,12 +139,18 @@ class Cluster:
             self.haproxy.send_signal(signal.SIGUSR1)
             live.append(self.haproxy)
         deadline = time.monotonic() + self._args.graceful_timeout + 10
+        try:
+            for process in live:
+                try:
+                    process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM: stop at once
+            print("cluster: second signal: killing what is left", flush=True)
         for process in live:
-            try:
-                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
+            if process.poll() is None:
                 process.kill()
-                process.wait()
+            process.wait()
 
 
 def _interrupt(*_: object) -> None:

@@ -218,6 +218,22 @@ def test_a_killed_replica_fails_only_its_sessions_and_loudly(cluster: RunningClu
     assert any("replica 1 exited" in line for line in cluster.output) or cluster.process.poll() is None
 
 
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_haproxy_accepts_the_generated_configuration(num_replicas: int, tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "deploy/local"))
+    try:
+        from haproxy_config import haproxy_config
+    finally:
+        sys.path.pop(0)
+    ports = list(range(40001, 40001 + num_replicas))
+    config = haproxy_config("127.0.0.1:40000", ports, stats_listen="127.0.0.1:40100")
+    assert config.count("use-server r") == num_replicas
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
+    checked = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_the_cluster_stops_on_sigterm(cluster: RunningCluster) -> None:
     assert cluster.stop() == 0
     assert cluster.output[-1].startswith("cluster: stopped")
