@@ -2,7 +2,7 @@
 # Device checks for issue #9 (one stream faster), in two parts that each fit one device call:
 #   bench/issue9_check.sh single COMMIT  one GPU: kernel and runner GPU tests, bench.kernels (projections: the
 #                                        matrix-vector kernel vs cuBLAS; prefill attention vs SDPA), runner step
-#                                        times with the kernel off (TRILLM_GEMV_MAX_ROWS=0) and on, the cold-start test
+#                                        times with the kernel off (column-major weights, cuBLAS) and with row-major weights (TRILLM_WEIGHT_LAYOUT=row: the fused GEMV), the cold-start test
 #   bench/issue9_check.sh tp COMMIT      two GPUs: bench.all_reduce (IPC one-shot vs NCCL in graphs), the tp tests,
 #                                        batch-1 engine ITL at tp=1 and tp=2 (IPC all-reduce on, and off)
 # Needs the wheels of .whl/ and the tokenizer copy in .device/tok (see bench/serve_check.sh). Results land in $OUT.
@@ -28,8 +28,8 @@ single)
     -x 2>&1 | tail -15 | tee "$OUT/gpu-tests.log"
   timeout 120 python3 -m bench.kernels --only linear,prefill --out-dir "$OUT" --git-commit "$commit" 2>&1 \
     | grep -v '^{' | tail -40 | tee "$OUT/kernels.log"
-  TRILLM_GEMV_MAX_ROWS=0 timeout 120 "${STEPS[@]}" 2>&1 | tail -6 | tee "$OUT/steps-cublas.log"
-  timeout 120 "${STEPS[@]}" 2>&1 | tail -6 | tee "$OUT/steps-gemv.log"
+  timeout 120 "${STEPS[@]}" 2>&1 | tail -7 | tee "$OUT/steps-column-major-cublas.log"
+  TRILLM_WEIGHT_LAYOUT=row timeout 120 "${STEPS[@]}" 2>&1 | tail -7 | tee "$OUT/steps-row-major-gemv.log"
   timeout 150 python3 -m pytest -m gpu tests/gpu/test_cold_start.py -p no:cacheprovider -q -s 2>&1 | tail -30 \
     | tee "$OUT/cold-start.log"
   ;;

@@ -14,6 +14,7 @@ a HF-style folder whose safetensors files are streamed into the rank's shards.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -67,6 +68,8 @@ def column_major_weights(model: LlamaForCausalLM) -> None:
     the four projections of one layer): 151 vs 162 us at batch 1, 153 vs 163 us at batch 32, 568 vs 562 us at 1,024
     tokens; lm_head 90 vs 98 us at batch 1. One matrix at a time is copied.
     """
+    if os.environ.get("TRILLM_WEIGHT_LAYOUT", "column") == "row":  # benchmarks: keep [out, in] storage (fused GEMV)
+        return
     modules: list[Any] = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
     if model.lm_head is not None:
         modules.append(model.lm_head)

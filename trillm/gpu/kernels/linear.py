@@ -23,7 +23,7 @@ from trillm.gpu.kernels.elementwise import rms_norm, silu_and_mul
 
 log = logging.getLogger(__name__)
 
-GEMV_MAX_ROWS = 8  # the kernel's row counts are template instantiations 1..8 (accumulators live in registers)
+GEMV_MAX_ROWS = 2  # measured on the H100 (bench.kernels): at 4 and 8 rows cuBLAS streams the weights faster
 GEMV_WARPS = 4  # must equal linear.cu's LIN_WARPS
 GEMV_ROWS_PER_WARP = 4  # linear.cu's LIN_ROWS: weight rows per warp (2 gate/up column pairs with SwiGLU)
 GEMV_MAX_SMEM_BYTES = 160 * 1024  # the normalised input staged in shared memory (rows x in_features)

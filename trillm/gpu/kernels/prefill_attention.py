@@ -102,10 +102,12 @@ def fresh_prefill_attention(
             _varlen_attn = False
             return None
         _varlen_attn = varlen_attn
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # not every torch build's varlen_attn takes enable_gqa: give it one k/v head per query head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     try:
         out: torch.Tensor = _varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_q,
-                                         max_len, max_len, scale=scale, window_size=(-1, 0),
-                                         enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
+                                         max_len, max_len, scale=scale, window_size=(-1, 0))  # fmt: skip
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
         log.warning("varlen flash attention unavailable (%s); prefills use the paged kernel", exc)
         _varlen_attn = False
