@@ -376,8 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         b = Bench(device, dtype, args.replays, ops)
         runs: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
             (bench_linear, (b, 1)),
-            (bench_linear, (b, 4, LINEAR_SHAPES[:4])),
-            (bench_linear, (b, 8, LINEAR_SHAPES[:4])),
+            (bench_linear, (b, 2, LINEAR_SHAPES[:5])),
             (bench_elementwise, (b, 4096, 4096, 11008)),
             (bench_elementwise, (b, 32, 4096, 11008)),
             (bench_rotary, (b, 4096, 32, 32, 128)),
