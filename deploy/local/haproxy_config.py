@@ -10,8 +10,11 @@ Routing (docs/deploy.md, "One machine, several replicas"):
   least loaded replica, which is then remembered for the id (a stick table, 24 h after its last turn); later
   turns, cancels and the end of the session go to that replica only. If that replica is down, the turn gets 410
   (503 for a turn already on its way when it died) with an OpenAI-style error `session_replica_gone`: never a new,
-  empty session on another replica. `session_id: -1` (the server picks an id) is a first turn each time; the
-  balancer cannot see the id the replica chose, so behind it clients should pick their own ids.
+  empty session on another replica.
+- Ids the balancer cannot route get 400 `session_id_not_routable`: `session_id: -1` with `interactive_mode: true`
+  (the replica would pick the id, and the balancer never sees which) and ids from 2^31 up (the range replicas
+  pick from, each counting from 2^31, so one id names different sessions on different replicas). Clients choose
+  ids from 1 to 2^31 - 1, as trillm's own chat UIs do. A one-off `-1` turn (`interactive_mode: false`) is served.
 
 Health: each replica's /health every second; two failures (or one refused connection) take it out, one success
 brings it back. A draining replica (SIGTERM) answers 503 there, so it stops getting new requests.
@@ -28,14 +31,20 @@ SESSION_HEADER = "x-session-id"
 BUFFER_BYTES = 262144
 GONE_MESSAGE = ("the replica that held session %[var(txn.session_id)] is gone, and the session with it; "
                 "start a new session (another session_id)")
+# Ids from 2^31 up are those replicas hand out for `session_id: -1` (each replica counts from 2^31, so the same id
+# names different sessions on different replicas); clients pick theirs below (trillm/ui/chat_session.py does).
+FIRST_REPLICA_SESSION_ID = 1 << 31
+NOT_ROUTABLE_CODE = "session_id_not_routable"
+NOT_ROUTABLE = ("behind the load balancer a session needs an id its client chose, from 1 to 2147483647: the ids "
+                "replicas assign for session_id -1 (from 2147483648 up) overlap between replicas")
 UNREACHABLE_MESSAGE = ("no replica could take this turn of session %[var(txn.session_id)]: the one that held the "
                        "session went away (start a new session), or none is up")
 
 
-def _error_json(message: str) -> str:
+def _error_json(message: str, code: str = "session_replica_gone") -> str:
     """An OpenAI-style error body as an HAProxy log-format string (`"` escaped for the config's quoting)."""
     body = ('{"error":{"message":"' + message + '","type":"invalid_request_error","param":"session_id",'
-            '"code":"session_replica_gone"}}')
+            '"code":"' + code + '"}}')
     return body.replace('"', '\\"')
 
 
@@ -59,8 +68,10 @@ def _frontend(listen: str) -> list[str]:
         f"    acl is_interactive path {INTERACTIVE_PATH}",
         f"    http-request set-var(txn.session_id) req.hdr({SESSION_HEADER}) "
         f"if is_interactive {{ req.hdr({SESSION_HEADER}) -m reg ^-?[0-9]{{1,20}}$ }}",
-        "    http-request set-var(txn.session_id) req.body,json_query('$.session_id') "
+        # 'int': exact 64-bit integers (without it, ids from 2^31 up come back as rounded floats).
+        "    http-request set-var(txn.session_id) req.body,json_query('$.session_id','int') "
         "if is_interactive !{ var(txn.session_id) -m found }",
+        "    http-request set-var(txn.interactive_mode) req.body,json_query('$.interactive_mode') if is_interactive",
         "    use_backend sessions if is_interactive",
         "    default_backend stateless",
     ]
@@ -79,6 +90,8 @@ def _stateless_backend(ports: Sequence[int], host: str) -> list[str]:
 
 
 def _sessions_backend(ports: Sequence[int], host: str) -> list[str]:
+    gone = _error_json(GONE_MESSAGE)
+    not_routable = f'content-type application/json lf-string "{_error_json(NOT_ROUTABLE, NOT_ROUTABLE_CODE)}"'
     lines = [
         "backend sessions",
         "    balance leastconn",
@@ -87,8 +100,13 @@ def _sessions_backend(ports: Sequence[int], host: str) -> list[str]:
         "    acl has_id var(txn.session_id) -m found",
         "    acl server_picks_id var(txn.session_id) -m beg -- -",
         "    http-request track-sc0 var(txn.session_id) if has_id !server_picks_id",
+        f"    acl replica_range var(txn.session_id) -m int ge {FIRST_REPLICA_SESSION_ID}",
+        "    acl keeps_session var(txn.interactive_mode) -m bool",
+        # A session the server would number (-1), or an id from the replicas' range: refused, as its later turns
+        # could not be routed to the one replica that knows them (a -1 one-off turn, interactive_mode false, is fine).
+        f"    http-request return status 400 {not_routable} if server_picks_id keeps_session",
+        f"    http-request return status 400 {not_routable} if replica_range",
     ]
-    gone = _error_json(GONE_MESSAGE)
     for index in range(1, len(ports) + 1):
         lines.append(f"    acl bound_r{index} sc_get_gpt0(0) eq {index}")
     for index in range(1, len(ports) + 1):

@@ -39,6 +39,9 @@ pytestmark = [
 NUM_SESSIONS = 20
 NUM_TURNS = 3
 NUM_STATELESS = 200
+HEADER_SESSION_ID = 501
+EDGE_SESSION_IDS = (2**31 - 2, 2**31 - 1)
+ALL_SESSION_IDS = (*range(1, NUM_SESSIONS + 1), HEADER_SESSION_ID, *EDGE_SESSION_IDS)  # every session the tests open
 READY_TIMEOUT_S = 60.0
 
 
@@ -175,15 +178,38 @@ def test_sessions_keep_their_history_on_one_replica(cluster: RunningCluster) -> 
 
 def test_the_session_header_routes_like_the_body_field(cluster: RunningCluster) -> None:
     with httpx.Client(base_url=cluster.url, timeout=30) as client:
-        first = client.post("/v1/chat/interactive", headers={"x-session-id": "501"},
-                            json={"prompt": "hello", "session_id": 501, "interactive_mode": True,
+        header = {"x-session-id": str(HEADER_SESSION_ID)}
+        first = client.post("/v1/chat/interactive", headers=header,
+                            json={"prompt": "hello", "session_id": HEADER_SESSION_ID, "interactive_mode": True,
                                   "request_output_len": 4})
-        for _ in range(3):  # the header alone decides; the body's id is the same session on the server
-            later = client.post("/v1/chat/interactive", headers={"x-session-id": "501"},
-                                json={"prompt": "again", "session_id": 501, "interactive_mode": True,
+        for _ in range(3):  # with the header, the balancer reads no body
+            later = client.post("/v1/chat/interactive", headers=header,
+                                json={"prompt": "again", "session_id": HEADER_SESSION_ID, "interactive_mode": True,
                                       "request_output_len": 4})
             assert later.status_code == 200 and later.json()["history_tokens"] > 0
     assert first.status_code == 200 and first.json()["history_tokens"] == 0
+
+
+def test_ids_next_to_each_other_below_two_to_the_31_are_distinct_sessions(cluster: RunningCluster) -> None:
+    with httpx.Client(base_url=cluster.url, timeout=30) as client:
+        for sid in EDGE_SESSION_IDS:  # exact 64-bit ids: no rounding merges them into one table entry
+            assert turn(client, sid, "first").json()["history_tokens"] == 0
+            assert turn(client, sid, "second").json()["history_tokens"] > 0
+
+
+@pytest.mark.parametrize(("session_id", "interactive_mode"), [(-1, True), (2**31, True), (2**31 + 7, False)])
+def test_ids_the_balancer_cannot_route_are_refused(cluster: RunningCluster, session_id: int,
+                                                   interactive_mode: bool) -> None:
+    with httpx.Client(base_url=cluster.url, timeout=30) as client:
+        response = turn(client, session_id, "hello", interactive_mode=interactive_mode)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "session_id_not_routable"
+
+
+def test_a_one_off_turn_with_a_server_picked_id_is_served(cluster: RunningCluster) -> None:
+    with httpx.Client(base_url=cluster.url, timeout=30) as client:
+        response = turn(client, -1, "just once", interactive_mode=False)
+    assert response.status_code == 200 and response.json()["tokens"] > 0
 
 
 def test_stateless_requests_spread_over_both_replicas(cluster: RunningCluster) -> None:
@@ -206,7 +232,7 @@ def test_a_killed_replica_fails_only_its_sessions_and_loudly(cluster: RunningClu
         os.kill(cluster.replica_pids[1], signal.SIGKILL)
         statuses = list(load)
         assert statuses == [200] * NUM_STATELESS  # retried on replica 2 when replica 1 vanished
-        answers = {sid: turn(client, sid, "one more turn") for sid in range(1, NUM_SESSIONS + 1)}
+        answers = {sid: turn(client, sid, "one more turn") for sid in ALL_SESSION_IDS}
     gone = {sid: r for sid, r in answers.items() if r.status_code != 200}
     assert len(gone) == on_replica_1  # exactly replica 1's sessions
     for response in gone.values():
