@@ -122,7 +122,8 @@ def one_value(metrics: dict[str, Any], name: str) -> float:
 
 
 def completions_200(metrics: dict[str, Any]) -> float:
-    return sum(value for labels, value in metrics.get("trillm:http_requests_total", {}).items()
+    """Completions this replica answered with 200."""
+    return sum(float(value) for labels, value in metrics.get("trillm:http_requests_total", {}).items()
                if ("status", "200") in labels and ("endpoint", "/v1/completions") in labels)
 
 
