@@ -283,8 +283,8 @@ def bench_prefill(b: Bench, chunks: list[tuple[int, int]], num_heads: int, num_k
         extra["sdpa_graph_us"] = sdpa_times["graph_us"]
         extra["speedup_vs_sdpa"] = sdpa_times["graph_us"] / times["graph_us"]
         qf, kf, vf = q, kc[0].transpose(0, 1).contiguous(), vc[0].transpose(0, 1).contiguous()  # [n, heads, dim]
-        if b.ops.fresh_prefill_attention(qf, kf, vf, cu, n, scale) is not None:
-            fresh_times = b.measure([lambda: b.ops.fresh_prefill_attention(qf, kf, vf, cu, n, scale)])
+        if b.ops.fresh_prefill_attention(qf, kf, vf, [n], scale) is not None:
+            fresh_times = b.measure([lambda: b.ops.fresh_prefill_attention(qf, kf, vf, [n], scale)])
             extra["fresh_graph_us"] = fresh_times["graph_us"]
             extra["fresh_speedup_vs_sdpa"] = sdpa_times["graph_us"] / fresh_times["graph_us"]
     desc = "+".join(f"{ql}/{c}" for ql, c in chunks)

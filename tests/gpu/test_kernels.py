@@ -420,7 +420,7 @@ def test_fused_linear_rejects_a_residual_without_a_norm() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "lens"), [(8, 2, [37, 300, 1]), (4, 4, [128])])
 def test_fresh_prefill_attention_matches_the_paged_reference(num_heads: int, num_kv_heads: int, lens: list[int]) -> None:
-    """Prompts from position 0 attended over their own k/v (varlen flash) equal the reference over the paged cache."""
+    """Prompts from position 0 attended over their own k/v (SDPA per prompt) equal the reference over the paged cache."""
     dev, dtype, head_dim, block_size = torch.device("cuda"), torch.bfloat16, 128, 16
     gen = torch.Generator().manual_seed(sum(lens))
     num_tokens = sum(lens)
@@ -428,8 +428,8 @@ def test_fresh_prefill_attention_matches_the_paged_reference(num_heads: int, num
     k = rand(gen, num_tokens, num_kv_heads, head_dim, dtype=dtype, device=dev)
     v = rand(gen, num_tokens, num_kv_heads, head_dim, dtype=dtype, device=dev)
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
-    out = kernels.fresh_prefill_attention(q, k, v, cu, max(lens), head_dim**-0.5)
-    assert out is not None, "torch's varlen flash attention should run on this GPU"
+    out = kernels.fresh_prefill_attention(q, k, v, lens, head_dim**-0.5)
+    assert out is not None
     tables, num_blocks = paged_layout(gen, lens, block_size, torch.device("cpu"))
     k_cache = torch.zeros(num_blocks, num_kv_heads, block_size, head_dim, dtype=torch.float64)
     v_cache = torch.zeros_like(k_cache)
@@ -445,7 +445,8 @@ def test_fresh_prefill_attention_matches_the_paged_reference(num_heads: int, num
 
 def test_fresh_prefill_attention_declines_cpu_tensors() -> None:
     x = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
-    assert kernels.fresh_prefill_attention(x, x, x, torch.tensor([0, 4], dtype=torch.int32), 4, 0.125) is None
+    assert kernels.fresh_prefill_attention(x, x, x, [4], 0.125) is None
+    assert kernels.fresh_prefill_attention(x, x, x, [1] * (kernels.FRESH_MAX_SEQS + 1), 0.125) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

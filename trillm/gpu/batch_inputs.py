@@ -221,7 +221,7 @@ class BatchInputBuilder:
             context_lens=context_lens,
             cu_seqlens_q=cu_seqlens,
             is_decode=plan.is_decode_only,
-            fresh_max_len=max(s.num_tokens for s in plan.seqs) if fresh else 0,
+            fresh_lens=tuple(s.num_tokens for s in plan.seqs) if fresh else (),
         )
         return StepInputs(input_ids=input_ids, positions=positions, meta=meta, sample_rows=sample_rows,
                           specs=specs, sample_seq_ids=seq_ids)  # fmt: skip

@@ -50,9 +50,9 @@ class AttnMeta:
     context_lens: torch.Tensor  # [num_seqs] int32: cached positions including this step's tokens
     cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32: sequence s owns token rows cu[s] .. cu[s+1]
     is_decode: bool  # every sequence has exactly one token: tokens and sequences are the same rows
-    # A prefill whose every sequence starts at position 0 (no cached context): its longest prompt, else 0. The
-    # attention then needs only this step's own q/k/v, and an op set may attend over them contiguously.
-    fresh_max_len: int = 0
+    # A prefill whose every sequence starts at position 0 (no cached context): the prompt lengths (host ints),
+    # else (). The attention then needs only this step's own q/k/v, and an op set may attend over them contiguously.
+    fresh_lens: tuple[int, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

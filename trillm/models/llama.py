@@ -213,8 +213,8 @@ class LlamaAttention(nn.Module):
         fresh_attention = getattr(self.ops, "fresh_prefill_attention", None)
         if meta.is_decode:
             out = self.ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale)
-        elif meta.fresh_max_len and fresh_attention is not None and (
-            fresh := fresh_attention(q, k, v, meta.cu_seqlens_q, meta.fresh_max_len, self.scale)
+        elif meta.fresh_lens and fresh_attention is not None and (
+            fresh := fresh_attention(q, k, v, meta.fresh_lens, self.scale)
         ) is not None:
             out = fresh  # no cached context: this step's own k/v, attended contiguously
         else:

@@ -14,8 +14,8 @@ Modules, one job each (the `.cu` family each launches in brackets):
     rotary.py             apply_rotary, write_kv_cache, rotary_cache_write (rotary.cu)
     decode_plan.py        which decode kernel a shape runs and the split-KV cost model (no tensors)
     decode_attention.py   paged_decode_attention (decode_attention.cu)
-    prefill_attention.py  paged_prefill_attention (prefill_attention.cu); fresh_prefill_attention (torch's varlen
-                          flash attention for prompts with no cached context)
+    prefill_attention.py  paged_prefill_attention (prefill_attention.cu); fresh_prefill_attention (torch's flash
+                          SDPA for prompts with no cached context)
     all_reduce.py         one_shot_all_reduce: tensor-parallel sum of small tensors through CUDA IPC slots (all_reduce.cu)
     precompile.py         every instantiation a model shape needs, compiled before CUDA-graph capture
 
@@ -83,6 +83,7 @@ from .precompile import kernel_names as kernel_names
 from .prefill_attention import PREFILL_BLOCK_M as PREFILL_BLOCK_M
 from .prefill_attention import PREFILL_BLOCK_N as PREFILL_BLOCK_N
 from .prefill_attention import PREFILL_WARPS as PREFILL_WARPS
+from .prefill_attention import FRESH_MAX_SEQS as FRESH_MAX_SEQS
 from .prefill_attention import fresh_prefill_attention as fresh_prefill_attention
 from .prefill_attention import paged_prefill_attention as paged_prefill_attention
 from .prefill_attention import prefill_smem_bytes as prefill_smem_bytes
