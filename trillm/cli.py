@@ -67,7 +67,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "for LMDeploy's command lines)")
     engine.add_argument("--disable-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                         help="compute every prompt in full, even where another request already computed its prefix")
-    engine.add_argument("--chat-template", help="a Jinja chat template file that replaces the model's")
+    engine.add_argument("--chat-template",
+                        help="a chat template that replaces the model's: a Jinja file (as in Hugging Face's "
+                             "tokenizer_config.json), or an LMDeploy JSON file with model_name, system, "
+                             "meta_instruction, eosys, user, eoh, assistant, eoa, separator, capability, stop_words")
     engine.add_argument("--disable-overlap", dest="enable_overlap", action="store_false", default=None,
                         help="plan each engine step only after the previous one returned (default: plan step N+1 "
                              "while the GPU runs step N)")
@@ -97,12 +100,28 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--log-level", type=str.upper, choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"),
                         help="default INFO")
     server.add_argument("--max-log-len", type=int,
-                        help="cut logged prompts to this many characters (default: no limit)")
+                        help="cut prompts logged at DEBUG to this many characters (default: no limit; prompts are "
+                             "never logged at INFO)")
     server.add_argument("--disable-docs", action="store_true", default=None,
                         help="do not serve the Swagger UI (/) and the OpenAPI document (/openapi.json)")
     server.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 16 MiB)")
     server.add_argument("--graceful-timeout", type=float, dest="graceful_timeout_s",
                         help="seconds requests in flight may take to finish on shutdown (default 30)")
+    limits = parser.add_argument_group("per-request limits (a request over one gets a 400 naming the flag)")
+    limits.add_argument("--max-new-tokens", type=int,
+                        help="most tokens one choice may generate; also the default where a request sets none "
+                             "(default: the context window; /v1/completions defaults to 16 as OpenAI's does)")
+    limits.add_argument("--max-n", type=int, help="most choices per prompt, `n` (default 128, OpenAI's cap)")
+    limits.add_argument("--max-prompts", type=int, help="most prompts in one /v1/completions request (default 256)")
+    limits.add_argument("--max-choices", type=int,
+                        help="most sequences one request may start: prompts x n (default 1024)")
+    limits.add_argument("--max-stop", type=int, help="most stop strings, and most stop_token_ids, per request "
+                                                     "(default 64)")
+    limits.add_argument("--max-stop-chars", type=int,
+                        help="most characters in a request's stop strings together (default 4096)")
+    limits.add_argument("--max-prompt-bytes", type=int,
+                        help="most UTF-8 bytes of prompt text in one request, checked before tokenizing "
+                             "(default 1 MiB)")
     server.add_argument("--backlog", type=int,
                         help="connections the kernel may queue before the server accepts them (default 4096, capped "
                              "by net.core.somaxconn); a full queue drops connections, which /metrics counts")
@@ -233,8 +252,9 @@ async def serve(config: ServerConfig) -> None:
 
     from trillm.actors.engine import Engine
     from trillm.http.app import create_app
-    from trillm.http.listening import bind_host, hypercorn_settings, raise_open_file_limit
+    from trillm.http.listening import bind_host, check_port_free, hypercorn_settings, raise_open_file_limit
 
+    check_port_free(config.server_name, config.server_port)  # before the model loads, which takes a while
     host = bind_host(config.server_name)
     hypercorn_config = hypercorn_settings(config)
     hypercorn_config.graceful_timeout = 1.0  # the drain already waited for requests in flight
@@ -270,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_gradio(parser, args)
     try:
         config = config_from_args(args)
+        if config.engine.chat_template:  # a template of neither kind fails here, before anything loads
+            from trillm.chat_template import load_chat_template
+
+            load_chat_template(config.engine.chat_template)
     except ValueError as exc:
         parser.exit(2, f"trillm serve api_server: error: {exc}\n")
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT)

@@ -49,7 +49,7 @@ class EngineConfig:
     max_batch_size: int | None = attrs.field(default=None, validator=_positive)  # None = 256 on CUDA, 64 on CPU
     max_prefill_token_num: int = attrs.field(default=8192, validator=_positive)
     enable_prefix_caching: bool = True  # on: no cost measured where nothing is shared (docs/perf.md)
-    chat_template: str | None = None  # path of a Jinja template file overriding the model's
+    chat_template: str | None = None  # a Jinja template file (or text), or an LMDeploy JSON template file
     tokenizer: str | None = None  # model spec or folder whose tokenizer to use; None: the model's own (the default
     # model's for random:<preset> models, which have no tokenizer of their own)
     dtype: str = attrs.field(default="auto", validator=_one_of("auto", "float16", "bfloat16", "float32"))
@@ -109,6 +109,14 @@ class ServerConfig:
     graceful_timeout_s: float = 30.0
     backlog: int = attrs.field(default=4096, validator=_positive)  # listen queue; the kernel caps it at somaxconn
     keep_alive_timeout_s: float = attrs.field(default=75.0, validator=_positive)  # idle keep-alive connections
+    # Per-request limits (http/limits.py): a request over one gets a 400 naming the flag. None: no limit.
+    max_new_tokens: int | None = attrs.field(default=None, validator=_positive)  # cap on max_tokens (and its default)
+    max_n: int = attrs.field(default=128, validator=_positive)  # choices per prompt (OpenAI's own cap)
+    max_prompts: int = attrs.field(default=256, validator=_positive)  # prompts in one /v1/completions request
+    max_choices: int = attrs.field(default=1024, validator=_positive)  # prompts x n: sequences of one request
+    max_stop: int = attrs.field(default=64, validator=_positive)  # stop strings (and stop_token_ids) per request
+    max_stop_chars: int = attrs.field(default=4096, validator=_positive)  # total length of a request's stop strings
+    max_prompt_bytes: int = attrs.field(default=1 << 20, validator=_positive)  # UTF-8 bytes of text, before tokenizing
 
 
 def _parse_env_value(raw: str, default: Any) -> Any:
@@ -134,7 +142,7 @@ def _fields_from_env(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
         if key not in environ or attrs.has(field.type if isinstance(field.type, type) else object):
             continue
         default = field.default if field.default is not None else ""
-        if field.name in ("session_len", "max_batch_size", "max_log_len"):
+        if field.name in ("session_len", "max_batch_size", "max_log_len", "max_new_tokens"):
             default = 0
         try:
             values[field.name] = _parse_env_value(environ[key], default)

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from trillm.chat_template import LMDeployTemplate, TemplateRenderError, load_chat_template
 from trillm.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 _SPECIAL_TOKEN_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_RELEASE_GIL_CHARS = 8192  # texts longer than this are encoded without holding the GIL
 _ANSWER_SENTINEL = "TRILLMANSWERSENTINEL"  # stands in for a session's previous answer in render_session_turn
 
 
@@ -98,16 +100,6 @@ def _folder_chat_template(folder: Path, tokenizer_config: Mapping[str, Any]) -> 
     return template if isinstance(template, str) else None
 
 
-def _load_chat_template_option(chat_template: str) -> str:
-    """`--chat-template`: a path of a Jinja file, or (when no such file exists) the template text itself."""
-    path = Path(chat_template).expanduser()
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    if "{{" in chat_template or "{%" in chat_template:
-        return chat_template
-    raise ValueError(f"--chat-template: no such file: {chat_template}")
-
-
 def _message_text(content: Any, index: int) -> str:
     """OpenAI message content (a string, None, or a list of text parts) as one string."""
     if isinstance(content, str):
@@ -165,7 +157,7 @@ class Tokenizer:
         special_tokens: Mapping[str, str],
         adds_bos: bool,
         eos_token_ids: Sequence[int],
-        chat_template: str | None,
+        chat_template: str | LMDeployTemplate | None,
         generation_defaults: Mapping[str, float | int],
     ) -> None:
         self._backend = backend
@@ -180,21 +172,34 @@ class Tokenizer:
             for token_id, token in backend.get_added_tokens_decoder().items()
         }
         self.all_special_ids: frozenset[int] = frozenset(i for i, (_, special) in self._added.items() if special)
-        self.chat_template = chat_template
+        self.chat_template = chat_template  # Jinja text, or an LMDeploy JSON template (chat_template.py)
         self.generation_defaults: dict[str, float | int] = dict(generation_defaults)
+        if isinstance(chat_template, LMDeployTemplate):  # its stop words end generation like EOS
+            self.eos_token_ids += self._stop_word_ids(chat_template.stop_words)
         decoder_state = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else None
         self._byte_decoder = _gpt2_byte_decoder() if _has_byte_level_decoder(decoder_state) else None
 
+    def _stop_word_ids(self, stop_words: Sequence[str]) -> tuple[int, ...]:
+        ids = []
+        for word in stop_words:
+            word_ids = self._backend.encode(word, add_special_tokens=False).ids
+            if len(word_ids) == 1:
+                ids.append(word_ids[0])
+            else:
+                log.warning("chat template stop word %r is %d tokens, not one: it does not end generation (send it "
+                            "in `stop` instead)", word, len(word_ids))
+        return tuple(i for i in ids if i not in self.eos_token_ids)
+
     @classmethod
     def from_folder(cls, path: str, *, chat_template: str | None = None) -> Tokenizer:
-        """Load a Hugging Face model folder's tokenizer; `chat_template` is a Jinja file overriding the model's.
+        """Load a Hugging Face model folder's tokenizer; `chat_template` (--chat-template) overrides the model's.
 
         Raises:
-            ValueError: `chat_template` names no file and is not a template.
+            ValueError: `chat_template` names no file, or a file that is neither a Jinja nor an LMDeploy template.
         """
         folder = Path(path)
         config = _read_json(folder / "tokenizer_config.json")
-        template = _load_chat_template_option(chat_template) if chat_template else _folder_chat_template(folder, config)
+        template = load_chat_template(chat_template) if chat_template else _folder_chat_template(folder, config)
         special_tokens = {a: s for a in _SPECIAL_TOKEN_ATTRIBUTES if (s := _token_string(config.get(a))) is not None}
         backend: Any  # tokenizers.Tokenizer
         if (folder / "tokenizer.json").is_file():
@@ -229,8 +234,15 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------------------ text ⇄ ids
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`; with add_bos, BOS first if the model's tokenizer adds one (never twice)."""
-        ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; with add_bos, BOS first if the model's tokenizer adds one (never twice).
+
+        A long text goes through `encode_batch`, which releases the GIL while it works (`encode` holds it: about a
+        second per megabyte), so that a caller in a worker thread leaves the event loop free.
+        """
+        if len(text) > _RELEASE_GIL_CHARS:
+            ids: list[int] = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_bos and self._adds_bos and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]  # _adds_bos implies an id
         return ids
@@ -291,6 +303,12 @@ class Tokenizer:
             InvalidRequestError: (param "messages") bad messages, no chat template, or the template rejected them.
         """
         normalized = normalize_messages(messages)
+        if isinstance(self.chat_template, LMDeployTemplate):
+            try:
+                return self.chat_template.render(normalized, add_generation_prompt=add_generation_prompt)
+            except TemplateRenderError as error:
+                raise InvalidRequestError(f"the chat template rejected the messages: {error}",
+                                          param="messages") from error
         if self.chat_template is None:
             raise InvalidRequestError(
                 "this model has no chat template: start the server with --chat-template or use /v1/completions",

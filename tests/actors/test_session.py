@@ -152,17 +152,21 @@ async def test_a_turn_that_fits_runs_out_with_length_and_one_that_does_not_fit_i
         outputs = await turn(engine, "hi", max_tokens=None)
         assert outputs[-1].finish_reason is FinishReason.LENGTH
         assert outputs[-1].num_prompt_tokens + outputs[-1].num_output_tokens == 64
-        with pytest.raises(ContextLengthExceededError, match="end the session") as info:
+        with pytest.raises(ContextLengthExceededError) as info:
             await turn(engine, "more")
         assert info.value.max_model_len == 64 and info.value.num_tokens > 64
+        # The message says how to end the session, and how to start another.
+        assert 'prompt ""' in info.value.message and "request_output_len 0" in info.value.message
+        assert "interactive_mode false" in info.value.message and "session_id -1" in info.value.message
         assert engine.statistics().num_sessions == 1  # refused, not dropped
 
 
 async def test_refused_first_turn_leaves_no_session_behind() -> None:
     async with open_engine(num_blocks=16) as (engine, _):
-        with pytest.raises(ContextLengthExceededError):
+        with pytest.raises(ContextLengthExceededError) as info:
             await turn(engine, "x" * 100, session_id=9)
         assert engine.statistics().num_sessions == 0
+        assert "shorten it" in info.value.message and "history" not in info.value.message  # not "fills the window"
 
 
 async def test_evicted_session_recomputes_its_history_and_answers_exactly() -> None:

@@ -17,6 +17,7 @@ import os
 import random
 import statistics
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -39,11 +40,14 @@ def _post(url: str, body: dict[str, object]) -> dict[str, object]:
 
 def _turn(url: str, session_id: int, seed: int) -> tuple[float, int]:
     rng = random.Random(seed)
-    prompt = " ".join(f"{rng.choice(WORDS)} {rng.randrange(10_000)}" for _ in range(700))  # ~2,100 tokens
+    prompt = " ".join(f"{rng.choice(WORDS)} {rng.randrange(10_000)}" for _ in range(330))  # ~2,130 tokens (about 6.5 a pair)
     start = time.perf_counter()
-    answer = _post(f"{url}/v1/chat/interactive", {"prompt": prompt, "session_id": session_id,
+    try:
+        answer = _post(f"{url}/v1/chat/interactive", {"prompt": prompt, "session_id": session_id,
                                                    "interactive_mode": False, "request_output_len": 8,
                                                    "temperature": 0.0})  # fmt: skip
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"HTTP {exc.code}: {exc.read().decode(errors='replace')}") from exc
     return time.perf_counter() - start, int(answer["input_tokens"])  # type: ignore[call-overload]
 
 

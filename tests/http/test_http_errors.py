@@ -84,7 +84,7 @@ CATALOGUE = [
         param="logit_bias"),
     Bad(name="token id outside vocab", path="/v1/completions", body={"prompt": [1, 99999]}, param="prompt"),
     Bad(name="too many choices", path="/v1/completions", body={"prompt": ["a"] * 9, "n": 128}, param="n",
-        message_has="more than 1024 choices"),
+        message_has="1152 choices, over this server's limit of 1024 (--max-choices)"),
     Bad(name="empty prompt", path="/v1/completions", body={"prompt": ""}, param="prompt", message_has="empty"),
     Bad(name="several bad fields", path="/v1/chat/completions", body=chat(temperature=9, top_p="x", n=-1),
         param="temperature", message_has="3 invalid fields"),

@@ -18,6 +18,7 @@ from openapi_spec_validator import validate
 
 from trillm.http import schemas
 from trillm.http.app import create_app
+from trillm.http.limits import RequestLimits
 from trillm.http.openapi import build_document, swagger_dist_dir
 
 
@@ -64,7 +65,7 @@ def test_schemas_come_from_the_attrs_classes() -> None:
     assert chat["required"] == ["messages"]
     temperature = chat["properties"]["temperature"]["anyOf"][0]
     assert (temperature["minimum"], temperature["maximum"]) == (0, 2)
-    assert chat["properties"]["n"]["maximum"] == schemas.MAX_CHOICES
+    assert chat["properties"]["n"]["maximum"] == RequestLimits().max_n
     prompt_forms = components["CompletionRequest"]["properties"]["prompt"]["anyOf"]
     assert [form.get("items", {}).get("type", form["type"]) for form in prompt_forms] == [
         "string", "string", "integer", "array"]

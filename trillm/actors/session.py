@@ -37,7 +37,11 @@ from trillm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-FULL_SESSION_HINT = "The session's history fills the context window: end the session and start a new one."
+FULL_SESSION_HINT = (
+    "The session's history fills the context window: end this session (send its session_id with prompt \"\", "
+    "request_output_len 0 and interactive_mode false), or start a new one with session_id -1."
+)
+LONG_FIRST_TURN_HINT = "The prompt alone is longer than the window allows: shorten it (no session was created)."
 RELEASE_TIMEOUT_S = 5.0  # bound on the shielded send of ReleaseSession when a turn ends
 
 
@@ -62,6 +66,7 @@ class _RecordingStream:
         self._stream = stream
         self.token_ids: list[int] = []
         self.text: list[str] = []
+        self.is_finished = False  # the answer ended (finish_reason seen); False: cancelled, or its client left
 
     def __aiter__(self) -> _RecordingStream:
         return self
@@ -70,6 +75,7 @@ class _RecordingStream:
         output = await self._stream.__anext__()
         self.token_ids += output.token_ids
         self.text.append(output.text)
+        self.is_finished = self.is_finished or output.finish_reason is not None
         return output
 
 
@@ -140,9 +146,8 @@ class SessionActor:
         recorder: _RecordingStream | None = None
         try:
             # The Engine's admission check refuses a turn that leaves no room, with a hint to end the session.
-            async with self._open_request(
-                request, num_history_tokens=len(self._token_ids), hint=FULL_SESSION_HINT
-            ) as stream:
+            hint = FULL_SESSION_HINT if self._token_ids else LONG_FIRST_TURN_HINT
+            async with self._open_request(request, num_history_tokens=len(self._token_ids), hint=hint) as stream:
                 # The Submit reached the Batcher during that await; `end` may have run meanwhile.
                 self._stream = stream
                 recorder = _RecordingStream(stream)
@@ -187,6 +192,9 @@ class SessionActor:
         self._token_ids = [*prompt_ids, *recorder.token_ids]
         self._last_output_ids = tuple(recorder.token_ids)
         self._messages += [*new_messages, {"role": "assistant", "content": "".join(recorder.text)}]
+        if not recorder.is_finished:  # API.md: a cancelled turn's output stays; so does one whose client left
+            log.info("session %d: the turn stopped before its answer ended (cancelled, or its client left); the %d "
+                     "tokens it produced stay in the session's history", self.session_id, len(recorder.token_ids))
         log.debug("session %d: %d history tokens", self.session_id, len(self._token_ids))
 
     async def _release(self) -> None:

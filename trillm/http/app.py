@@ -51,7 +51,7 @@ def create_app(config: ServerConfig, engine: Any | None = None) -> QuartTrio:
     app.extensions["trillm"] = state
     register_error_handlers(app)
     if not config.disable_docs:
-        register_docs(app, is_auth_required=bool(config.api_keys))
+        register_docs(app, is_auth_required=bool(config.api_keys), limits=state.limits)
     for blueprint in (chat.bp, completions.bp, interactive.bp):
         app.register_blueprint(blueprint)
     app.add_url_rule("/v1/models", view_func=_models, methods=["GET"])

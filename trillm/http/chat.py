@@ -21,7 +21,8 @@ from trillm.http.choices import ChoiceTotals, chat_logprobs, collect_totals
 from trillm.http.errors import describe_exception
 from trillm.http.framing import SSE_DONE, sse_error, sse_event, streaming_response
 from trillm.http.metrics import RequestTrace
-from trillm.http.prompts import chat_prompt_ids, generate_request, sampling_params
+from trillm.http.limits import resolve_max_tokens
+from trillm.http.prompts import chat_prompt_ids, generate_request, off_loop, prompt_size, sampling_params
 from trillm.http.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -65,21 +66,24 @@ class _Reply:
 async def chat_completions() -> Response:
     """OpenAI chat completion (JSON or SSE)."""
     state = current_state()
-    body = parse_body(ChatCompletionRequest, await request.get_data())
+    body = parse_body(ChatCompletionRequest, await request.get_data(), state.limits)
     engine = state.engine_for_request(body.model)
     tokenizer = engine.tokenizer
-    prompt_ids = chat_prompt_ids(tokenizer, body)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    prompt_ids = await off_loop(chat_prompt_ids, tokenizer, body, size=prompt_size(body.messages))
+    max_tokens = resolve_max_tokens(state.limits, ("max_completion_tokens", body.max_completion_tokens),
+                                    ("max_tokens", body.max_tokens))
     num_top = (body.top_logprobs or 0) if body.logprobs else None
     sampling = sampling_params(body, tokenizer.generation_defaults, tokenizer.vocab_size, max_tokens=max_tokens,
                                logprobs=num_top)
-    reply = _Reply(id=f"chatcmpl-{secrets.token_hex(12)}", created=int(time.time()), model=engine.model_name,
+    request_id = f"chatcmpl-{secrets.token_hex(12)}"
+    reply = _Reply(id=request_id, created=int(time.time()), model=engine.model_name,
                    n=body.n, num_prompt_tokens=len(prompt_ids), num_top_logprobs=num_top, tokenizer=tokenizer,
-                   trace=state.metrics.trace("chat"))
+                   trace=state.metrics.trace("chat", request_id))
     generate = generate_request(body, request_id=reply.id, prompt_ids=prompt_ids, sampling=sampling,
                                 prompt_field="messages")
-    log.info("%s chat: %d prompt tokens, n=%d, stream=%s, %s, messages=%s", reply.id, len(prompt_ids), body.n,
-             body.stream, sampling, state.truncate_for_log(body.messages))
+    log.info("%s chat: %d prompt tokens, n=%d, stream=%s, %s", reply.id, len(prompt_ids), body.n, body.stream,
+             sampling)
+    log.debug("%s messages: %s", reply.id, state.truncate_for_log(body.messages))
     stream = await state.open_stream([(0, partial(engine.generate, generate))])
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -82,12 +82,17 @@ async def collect_totals(
     Output tokens are counted on `trace` as they come, and the trace is finished even when reading fails.
     """
     totals = ChoiceTotals(num_choices)
+    is_delivered = False  # False in `finally` when the view was cancelled: the client left before the answer
     try:
         for index, output in await stream.collect():
             totals.add(index, output)
             trace.on_tokens(len(output.token_ids))
+        is_delivered = True
+    except Exception:
+        is_delivered = True  # a failure is answered (an error body), not a disconnect
+        raise
     finally:
-        elapsed_s = trace.finish()
+        elapsed_s = trace.finish(is_disconnected=not is_delivered)
     return totals, elapsed_s
 
 

@@ -19,14 +19,16 @@ import attrs
 from quart import Blueprint, Response, request
 
 from trillm.protocol.api import CompletionOutput, FinishReason
-from trillm.errors import InvalidRequestError
 from trillm.http.choices import ChoiceTotals, collect_totals, completion_logprobs
 from trillm.http.errors import describe_exception
 from trillm.http.framing import SSE_DONE, sse_error, sse_event, streaming_response
 from trillm.http.metrics import RequestTrace
+from trillm.http.limits import resolve_max_tokens
 from trillm.http.prompts import (
     completion_prompts,
     generate_request,
+    off_loop,
+    prompt_size,
     sampling_params,
 )
 from trillm.http.schemas import CompletionChoice, CompletionRequest, CompletionResponse, Usage, encode
@@ -37,9 +39,6 @@ from trillm.http.validation import parse_body
 log = logging.getLogger(__name__)
 
 bp = Blueprint("completions", __name__)
-
-MAX_TOTAL_CHOICES = 1024  # prompts x n of one request: each choice is a sequence the engine must hold
-
 
 @attrs.frozen(kw_only=True)
 class _Reply:
@@ -91,22 +90,22 @@ def _echo_texts(tokenizer: Any, body: CompletionRequest, prompts: list[tuple[int
 async def completions() -> Response:
     """OpenAI text completion (JSON or SSE)."""
     state = current_state()
-    body = parse_body(CompletionRequest, await request.get_data())
+    body = parse_body(CompletionRequest, await request.get_data(), state.limits)
     engine = state.engine_for_request(body.model)
     tokenizer = engine.tokenizer
-    prompts = completion_prompts(tokenizer, body)
-    if len(prompts) * body.n > MAX_TOTAL_CHOICES:
-        raise InvalidRequestError(f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_TOTAL_CHOICES} "
-                                  "choices in one request", param="n")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    prompts = await off_loop(completion_prompts, tokenizer, body, size=prompt_size(body.prompt))
+    max_tokens = resolve_max_tokens(state.limits, ("max_completion_tokens", body.max_completion_tokens),
+                                    ("max_tokens", body.max_tokens))
     sampling = sampling_params(body, tokenizer.generation_defaults, tokenizer.vocab_size, max_tokens=max_tokens,
                                logprobs=body.logprobs)
-    reply = _Reply(id=f"cmpl-{secrets.token_hex(12)}", created=int(time.time()), model=engine.model_name,
+    request_id = f"cmpl-{secrets.token_hex(12)}"
+    reply = _Reply(id=request_id, created=int(time.time()), model=engine.model_name,
                    num_choices=len(prompts) * body.n, n=body.n, num_prompt_tokens=sum(map(len, prompts)),
                    num_top_logprobs=body.logprobs, echo_texts=_echo_texts(tokenizer, body, prompts),
-                   tokenizer=tokenizer, trace=state.metrics.trace("completions"))
-    log.info("%s completion: %d prompt(s), %d prompt tokens, n=%d, stream=%s, %s, prompt=%s", reply.id,
-             len(prompts), reply.num_prompt_tokens, body.n, body.stream, sampling, state.truncate_for_log(body.prompt))
+                   tokenizer=tokenizer, trace=state.metrics.trace("completions", request_id))
+    log.info("%s completion: %d prompt(s), %d prompt tokens, n=%d, stream=%s, %s", reply.id, len(prompts),
+             reply.num_prompt_tokens, body.n, body.stream, sampling)
+    log.debug("%s prompt: %s", reply.id, state.truncate_for_log(body.prompt))
     sources: list[tuple[int, OutputSource]] = []
     for p, prompt_ids in enumerate(prompts):
         if max_tokens == 0:

@@ -11,7 +11,7 @@ import logging
 
 from quart import Response, has_request_context, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from trillm.errors import (
     EngineDeadError,
@@ -89,6 +89,8 @@ def exception_response(exc: BaseException) -> Response:
         # The rest of the oversized body is never read, so this connection cannot carry another request:
         # hypercorn would wait for the app to take that body before reading the next request.
         response.headers["Connection"] = "close"
+    if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))  # RFC 9110: a 405 lists the methods
     return response
 
 

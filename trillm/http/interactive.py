@@ -25,6 +25,7 @@ from trillm.http.choices import ChoiceTotals
 from trillm.http.errors import describe_exception
 from trillm.http.framing import ndjson_line, streaming_response
 from trillm.http.metrics import RequestTrace
+from trillm.http.limits import resolve_max_tokens
 from trillm.http.prompts import interactive_sampling, message_dicts, stop_strings
 from trillm.http.schemas import ErrorResponse, InteractiveRequest, InteractiveResponse, encode
 from trillm.http.state import current_state
@@ -55,7 +56,7 @@ def _input_tokens(output: CompletionOutput) -> int:
 async def chat_interactive() -> Response:
     """One turn, a cancel, or the end of an interactive session."""
     state = current_state()
-    body = parse_body(InteractiveRequest, await request.get_data())
+    body = parse_body(InteractiveRequest, await request.get_data(), state.limits)
     if body.cancel:  # cancel and end are accepted even while draining (API.md semantics 7)
         log.info("session %d: cancel", body.session_id)
         await state.engine_for_control().cancel_session(body.session_id)
@@ -73,27 +74,34 @@ async def chat_interactive() -> Response:
         session_id=session_id,
         prompt=body.prompt if isinstance(body.prompt, str) else tuple(message_dicts(body.prompt)),
         interactive_mode=body.interactive_mode,
-        sampling=interactive_sampling(body),
+        sampling=interactive_sampling(body, resolve_max_tokens(state.limits,
+                                                               ("request_output_len", body.request_output_len))),
         stop=stop_strings(body.stop),
         skip_special_tokens=body.skip_special_tokens,
         spaces_between_special_tokens=body.spaces_between_special_tokens,
     )
-    log.info("%s turn: interactive_mode=%s, stream=%s, %s, prompt=%s", request_id, body.interactive_mode,
-             body.stream, turn.sampling, state.truncate_for_log(turn.prompt))
+    log.info("%s turn: interactive_mode=%s, stream=%s, %s", request_id, body.interactive_mode, body.stream,
+             turn.sampling)
+    log.debug("%s prompt: %s", request_id, state.truncate_for_log(turn.prompt))
     source = partial(engine.interactive, turn)
     stream = await state.open_stream([(0, source)])
-    trace = state.metrics.trace("interactive")
+    trace = state.metrics.trace("interactive", request_id)
     if body.stream:
         return await streaming_response(_lines(stream, session_id, trace), "application/x-ndjson")
     totals = ChoiceTotals(1)
     last: CompletionOutput | None = None
+    is_delivered = False  # False in `finally` when the view was cancelled: the client left before the answer
     try:
         for _, output in await stream.collect():
             totals.add(0, output)
             trace.on_tokens(len(output.token_ids))
             last = output
+        is_delivered = True
+    except Exception:
+        is_delivered = True  # answered with an error body
+        raise
     finally:
-        trace.finish()
+        trace.finish(is_disconnected=not is_delivered)
     answer = _answer(session_id, text=totals.text(0), tokens=totals.num_output_tokens[0],
                      input_tokens=_input_tokens(last) if last else 0,
                      history_tokens=last.num_history_tokens if last else 0, finish_reason=totals.finish_reasons[0])

@@ -23,8 +23,10 @@ warning when they grew, and /metrics exports the growth since start-up (`trillm:
 
 from __future__ import annotations
 
+import errno
 import logging
 import resource
+import socket
 from pathlib import Path
 
 import hypercorn.config
@@ -51,7 +53,29 @@ def hypercorn_settings(config: ServerConfig) -> hypercorn.config.Config:
     settings.keep_alive_timeout = config.keep_alive_timeout_s
     settings.graceful_timeout = config.graceful_timeout_s
     settings.accesslog = None  # every request already leaves one log line (http/app.py)
+    # Hypercorn's own handler on "hypercorn.error" also propagated to the root logger: every line ("Running on")
+    # came out twice. Given a Logger, hypercorn uses it as it is, through the handlers logging was configured with.
+    settings.errorlog = logging.getLogger("hypercorn.error")
     return settings
+
+
+def check_port_free(server_name: str, port: int) -> None:
+    """Fail at once if the address is taken, before the model loads (hypercorn would say so only after it).
+
+    Raises:
+        OSError: the port is in use (or the address cannot be bound); the message names both and what to do.
+    """
+    family = socket.AF_INET6 if ":" in server_name else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as hypercorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((server_name, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"port {port} on {server_name} is already in use: stop the server that "
+                                         f"holds it, or choose another with --server-port") from None
+            raise OSError(exc.errno, f"cannot listen on {server_name}:{port}: {exc.strerror}; check --server-name "
+                                     "and --server-port") from None
 
 
 def raise_open_file_limit() -> int:

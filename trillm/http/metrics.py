@@ -97,9 +97,10 @@ class _ListenCollector(Collector):
 class RequestTrace:
     """Timing of one generation request: feeds TTFT, TPOT and end-to-end latency when it finishes."""
 
-    def __init__(self, metrics: ServerMetrics, endpoint: str) -> None:
+    def __init__(self, metrics: ServerMetrics, endpoint: str, request_id: str = "") -> None:
         self._metrics = metrics
         self.endpoint = endpoint
+        self.request_id = request_id
         self.start_s = time.perf_counter()
         self.first_token_s: float | None = None
         self.num_output_tokens = 0
@@ -123,8 +124,8 @@ class RequestTrace:
         self._is_finished = True
         if is_disconnected:
             self._metrics.client_disconnects.labels(endpoint=self.endpoint).inc()
-            log.info("%s: the client disconnected after %.3f s and %d tokens; its request was aborted",
-                     self.endpoint, elapsed_s, self.num_output_tokens)
+            log.info("%s: the client disconnected after %.3f s and %d tokens; its request was aborted (%s)",
+                     self.request_id or self.endpoint, elapsed_s, self.num_output_tokens, self.endpoint)
             return elapsed_s
         self._metrics.e2e_latency.observe(elapsed_s)
         if self.first_token_s is not None and self.num_output_tokens > 1:
@@ -153,8 +154,8 @@ class ServerMetrics:
         self.registry.register(_EngineCollector(read_stats, model_name))
         self.registry.register(_ListenCollector(read_listen_drops))
 
-    def trace(self, endpoint: str) -> RequestTrace:
-        return RequestTrace(self, endpoint)
+    def trace(self, endpoint: str, request_id: str = "") -> RequestTrace:
+        return RequestTrace(self, endpoint, request_id)
 
     def count_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

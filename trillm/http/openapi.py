@@ -22,6 +22,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import NotFound
 
 from trillm.http import schemas
+from trillm.http.limits import RequestLimits, published
 from trillm.http.schemas import encode
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ _SWAGGER_ASSETS = frozenset({
     "favicon-16x16.png",
 })
 _REF = "#/components/schemas/{name}"
+INT32_MAX = 2**31 - 1
+INT32_MIN = -(2**31)
 _ERRORS = {
     "400": "Invalid request: malformed JSON, wrong types, values out of range, prompt too long",
     "401": "Missing or invalid API key",
@@ -53,6 +56,7 @@ class _Route:
     media: dict[str, str] = attrs.field(factory=dict)  # extra media types of the 200 answer → description
     is_protected: bool = True
     errors: tuple[str, ...] = ("400", "401", "404", "413", "503")
+    example: dict[str, Any] | None = None  # the request body Swagger UI's "Try it out" starts from
     path_parameters: tuple[tuple[str, str], ...] = ()  # (name, description) of each `{name}` in the path
 
 
@@ -65,18 +69,22 @@ _ROUTES = (
     _Route(path="/v1/chat/completions", method="post", operation_id="create_chat_completion",
            summary="Chat completion (OpenAI); with stream=true an SSE stream of ChatCompletionChunk events",
            request=schemas.ChatCompletionRequest, response=schemas.ChatCompletionResponse,
-           media={"text/event-stream": "`data: <ChatCompletionChunk>` events, then `data: [DONE]`"}),
+           media={"text/event-stream": "`data: <ChatCompletionChunk>` events, then `data: [DONE]`"},
+           example={"messages": [{"role": "user", "content": "Say hello in three words."}], "max_tokens": 32}),
     _Route(path="/v1/completions", method="post", operation_id="create_completion",
            summary="Text completion (OpenAI); with stream=true an SSE stream of CompletionResponse events",
            request=schemas.CompletionRequest, response=schemas.CompletionResponse,
-           media={"text/event-stream": "`data: <CompletionResponse>` events, then `data: [DONE]`"}),
+           media={"text/event-stream": "`data: <CompletionResponse>` events, then `data: [DONE]`"},
+           example={"prompt": "The capital of France is", "max_tokens": 16}),
     _Route(path="/v1/chat/interactive", method="post", operation_id="chat_interactive",
            summary="One turn of an LMDeploy interactive session; with stream=true newline-delimited JSON",
            request=schemas.InteractiveRequest, response=schemas.InteractiveResponse,
            media={"application/x-ndjson": "one InteractiveResponse per line; `text` is the delta"},
-           errors=("400", "401", "409", "413", "503")),
+           errors=("400", "401", "409", "413", "503"),
+           example={"prompt": "Hello!", "session_id": -1, "interactive_mode": True, "request_output_len": 32}),
     _Route(path="/v1/encode", method="post", operation_id="encode", summary="Tokenize text",
-           request=schemas.EncodeRequest, response=schemas.EncodeResponse, errors=("400", "401", "413", "503")),
+           request=schemas.EncodeRequest, response=schemas.EncodeResponse, errors=("400", "401", "413", "503"),
+           example={"input": "Hello, world!"}),
     _Route(path="/health", method="get", operation_id="health", summary="200 while the engine is alive",
            request=None, response=schemas.HealthResponse, is_protected=False, errors=("503",)),
     _Route(path="/metrics", method="get", operation_id="metrics", summary="Prometheus metrics (text format)",
@@ -105,7 +113,10 @@ def _operation(route: _Route, refs: dict[type, dict[str, Any]], is_auth_required
         operation["parameters"] = [{"name": name, "in": "path", "required": True, "description": description,
                                     "schema": {"type": "string"}} for name, description in route.path_parameters]
     if route.request is not None:
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[route.request]}}}
+        body: dict[str, Any] = {"schema": refs[route.request]}
+        if route.example is not None:
+            body["example"] = route.example
+        operation["requestBody"] = {"required": True, "content": {"application/json": body}}
     if route.is_protected:
         operation["security"] = [{"bearerAuth": []}] if is_auth_required else [{"bearerAuth": []}, {}]
     return operation
@@ -122,14 +133,46 @@ def _apply_exact_forms(classes: list[type], components: dict[str, Any]) -> None:
                 properties[field.name] = {**kept, "anyOf": [msgspec.json.schema(form) for form in forms]}
 
 
-def build_document(*, is_auth_required: bool, title: str = "trillm", version: str = "0.1.0") -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the server's API."""
+def _apply_limits(components: dict[str, Any], limits: RequestLimits) -> None:
+    """State the server's per-request limits (http/limits.py) on the properties they bound."""
+    applies_to = {"maxItems": ("array",), "maximum": ("integer", "number")}
+    for schema, name, keywords, item_types in published(limits):
+        prop = components[schema]["properties"][name]
+        for member in prop.get("anyOf", [prop]):  # in a union, each keyword bounds the members of its kind
+            if item_types is not None and member.get("items", {}).get("type") not in item_types:
+                continue
+            member.update({k: v for k, v in keywords.items() if member.get("type") in applies_to[k]})
+
+
+def _mark_int64(schema: Any) -> None:
+    """`format: int64` on every integer that may pass 2^31 - 1 (session ids, seeds, timestamps, counts).
+
+    Without it, generators for typed languages pick a 32-bit integer: the ids the server assigns start at 2^31
+    and overflowed a generated Rust client's i32.
+    """
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            fits_int32 = schema.get("maximum", INT32_MAX + 1) <= INT32_MAX and schema.get("minimum", -1) >= INT32_MIN
+            if not fits_int32:
+                schema.setdefault("format", "int64")
+        for value in schema.values():
+            _mark_int64(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _mark_int64(value)
+
+
+def build_document(*, is_auth_required: bool, limits: RequestLimits | None = None, title: str = "trillm",
+                   version: str = "0.1.0") -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the server's API, stating the server's request `limits` (default ones if None)."""
     classes = [r.request for r in _ROUTES if r.request] + [r.response for r in _ROUTES if r.response]
     classes += list(_STREAM_CLASSES)
     classes = list(dict.fromkeys(classes))
     refs_list, components = msgspec.json.schema_components(classes, ref_template=_REF)
     refs = dict(zip(classes, refs_list))
     _apply_exact_forms(classes, components)
+    _apply_limits(components, limits or RequestLimits())
+    _mark_int64(components)
     paths: dict[str, Any] = {}
     for route in _ROUTES:
         paths.setdefault(route.path, {})[route.method] = _operation(route, refs, is_auth_required)
@@ -155,9 +198,9 @@ def swagger_dist_dir() -> Path | None:
     return dist if (dist / "swagger-ui-bundle.js").is_file() else None
 
 
-def register_docs(app: QuartTrio, *, is_auth_required: bool) -> None:
+def register_docs(app: QuartTrio, *, is_auth_required: bool, limits: RequestLimits | None = None) -> None:
     """Add `/openapi.json`, Swagger UI at `/`, and its assets under `/docs/`."""
-    document = encode(build_document(is_auth_required=is_auth_required))
+    document = encode(build_document(is_auth_required=is_auth_required, limits=limits))
     dist = swagger_dist_dir()
     if dist is None:
         log.warning("flask-swagger-ui is not installed: Swagger UI at / is unavailable (/openapi.json works)")

@@ -9,11 +9,15 @@ OpenAI's defaults (temperature 1, top_p 1, top_k off, min_p off, repetition_pena
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, TypeVar
+
+import trio
 
 from trillm.protocol.api import GenerateRequest, SamplingParams, TextCodec
 from trillm.errors import InvalidRequestError
+from trillm.http.limits import texts_of
 from trillm.http.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, InteractiveRequest, SamplingFields
 
 log = logging.getLogger(__name__)
@@ -21,6 +25,25 @@ log = logging.getLogger(__name__)
 OPENAI_DEFAULTS: Mapping[str, float | int] = {
     "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
 }
+OFF_LOOP_CHARS = 16 << 10  # prompts longer than this are rendered and tokenized in a worker thread
+T = TypeVar("T")
+
+
+def prompt_size(value: Any) -> int:
+    """Characters of text in a prompt, messages or input field (strings at any depth)."""
+    return sum(len(text) for text in texts_of(value))
+
+
+async def off_loop(function: Callable[..., T], *args: Any, size: int) -> T:
+    """`function(*args)`, in a worker thread when `size` (characters of text) is large.
+
+    Tokenizing a long prompt takes about a second per megabyte; `Tokenizer.encode` releases the GIL for long texts,
+    so the event loop keeps serving other requests meanwhile. Short prompts stay on the loop (a thread hop costs more
+    than they do).
+    """
+    if size <= OFF_LOOP_CHARS:
+        return function(*args)
+    return await trio.to_thread.run_sync(partial(function, *args))
 
 
 def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -120,8 +143,9 @@ def sampling_params(request: SamplingFields, defaults: Mapping[str, float | int]
     )
 
 
-def interactive_sampling(request: InteractiveRequest) -> SamplingParams:
-    """The SamplingParams of an interactive turn (its defaults are LMDeploy's: 0.8 / 0.8 / 40)."""
+def interactive_sampling(request: InteractiveRequest, max_tokens: int | None) -> SamplingParams:
+    """The SamplingParams of an interactive turn (its defaults are LMDeploy's: 0.8 / 0.8 / 40); `max_tokens` is
+    request_output_len with the server's cap applied."""
     return _build(
         temperature=request.temperature,
         top_p=request.top_p,
@@ -129,7 +153,7 @@ def interactive_sampling(request: InteractiveRequest) -> SamplingParams:
         min_p=request.min_p,
         repetition_penalty=request.repetition_penalty,
         seed=request.seed,
-        max_tokens=request.request_output_len,
+        max_tokens=max_tokens,
         min_tokens=request.min_new_tokens or 0,
         ignore_eos=request.ignore_eos,
     )

@@ -25,7 +25,6 @@ from msgspec import Meta
 log = logging.getLogger(__name__)
 
 EXACT_FORMS = "trillm_exact_forms"  # attrs field metadata: the precise union msgspec cannot express (see openapi.py)
-MAX_CHOICES = 128  # OpenAI's upper bound for `n`
 MAX_TOP_LOGPROBS = 20  # SamplingParams.logprobs accepts [0, 20]
 
 # Constrained scalar types: the bounds are enforced by http/validation.py and published in the OpenAPI document.
@@ -36,7 +35,7 @@ RepetitionPenalty = Annotated[float, Meta(gt=0, le=10, description="1 means off;
 TopK = Annotated[int, Meta(ge=-1, description="0 or -1 means off")]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
-ChoiceCount = Annotated[int, Meta(ge=1, le=MAX_CHOICES)]
+ChoiceCount = Annotated[int, Meta(ge=1)]  # the upper bound is the server's --max-n (http/limits.py)
 TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
 TokenId = Annotated[int, Meta(ge=0)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
@@ -120,13 +119,14 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions: OpenAI text completion.
 
     `prompt` is a string, a list of strings, a list of token ids, or a list of token-id lists; a list gives one
-    choice per prompt and per `n` (choice index = prompt index * n + i).
+    choice per prompt and per `n` (choice index = prompt index * n + i). `max_tokens` defaults to 16, as in
+    OpenAI's legacy API and LMDeploy; null means up to the context window (or the server's --max-new-tokens).
     """
 
     prompt: str | list[str | int | list[int]] = attrs.field(
         metadata={EXACT_FORMS: (str, list[str], list[TokenId], list[list[TokenId]])}
     )
-    max_tokens: NonNegativeInt | None = None
+    max_tokens: NonNegativeInt | None = 16
     max_completion_tokens: NonNegativeInt | None = None
     logprobs: TopLogprobs | None = None
     echo: bool = False

@@ -16,6 +16,7 @@ from quart_trio import QuartTrio
 
 from trillm.config import ServerConfig
 from trillm.errors import EngineDeadError, EngineDrainingError, ModelNotFoundError
+from trillm.http.limits import RequestLimits
 from trillm.http.listening import ListenQueueWatch
 from trillm.http.metrics import ServerMetrics
 from trillm.http.schemas import encode
@@ -39,6 +40,7 @@ class ServerState:
         self._closing = trio.Event()
         self._closed = trio.Event()
         self.listen_watch = ListenQueueWatch(config.backlog)
+        self.limits = RequestLimits.from_config(config)
         self.metrics = ServerMetrics(self._read_stats, self._model_name, lambda: self.listen_watch.num_dropped)
 
     # ---------------------------------------------------------------- engine lifetime

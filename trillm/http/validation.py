@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import operator
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -30,13 +31,22 @@ from cattrs.errors import BaseValidationError
 from cattrs.gen import make_dict_structure_fn
 
 from trillm.errors import InvalidRequestError
-from trillm.http.schemas import ChatCompletionRequest, CompletionRequest, InteractiveRequest
+from trillm.http.limits import RequestLimits, check_raw
+from trillm.http.schemas import ChatCompletionRequest, CompletionRequest, EncodeRequest, InteractiveRequest
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Hook = Callable[[Any, Any], Any]
 MAX_MESSAGE_ERRORS = 20  # a body with more bad fields lists the first ones and a count
+LARGE_BODY_BYTES = 1 << 20  # bodies above this are checked for their number of strings before decoding
+MAX_BODY_STRINGS = 1 << 17  # about 30 ms of decoding on the event loop
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate escape: checked after decoding
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() accepts "²", which int() refuses
+_TEXT_FIELDS: dict[type, str] = {  # the field whose text the byte limit counts, per request class
+    ChatCompletionRequest: "messages", CompletionRequest: "prompt", InteractiveRequest: "prompt",
+    EncodeRequest: "input",
+}
 
 
 class FieldError(ValueError):
@@ -106,7 +116,10 @@ def _strict_scalar(tp: type) -> Hook:
     kinds = _type_kinds(tp)
 
     def hook(value: Any, _: Any) -> Any:
-        if _value_kind(value) not in kinds:
+        kind = _value_kind(value)
+        if kind not in kinds:
+            if tp is int and kind == "number" and value.is_integer():
+                return int(value)  # 5.0 is an integer in JSON Schema (and to OpenAI): the document allows it
             raise FieldError(f"expected {_kind_name(tp)}, got {_describe(value)}")
         return float(value) if tp is float else value
 
@@ -131,9 +144,10 @@ def _union_hook(tp: Any, converter: cattrs.Converter) -> Hook:
 
     def hook(value: Any, _: Any) -> Any:
         kind = _value_kind(value)
-        for member, kinds in members:
-            if kind in kinds:
-                return converter.structure(value, member)
+        for candidate in (kind, "integer") if kind == "number" and value.is_integer() else (kind,):
+            for member, kinds in members:  # 5.0 goes to a number member first, else to an integer one
+                if candidate in kinds:
+                    return converter.structure(value, member)
         raise FieldError(f"expected {_kind_name(tp)}, got {_describe(value)}")
 
     return hook
@@ -267,29 +281,68 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _lone_surrogate_path(value: Any, path: str) -> str | None:
+    """The path of the first string in `value` holding a lone UTF-16 surrogate (not a character), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate_path(key, path) is not None:
+            return path or "$"
+        where = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+        found = _lone_surrogate_path(item, where.removeprefix("."))
+        if found is not None:
+            return found
+    return None
+
+
 def decode_json(raw: bytes | str) -> Any:
-    """Decode a request body as strict JSON (no NaN/Infinity).
+    """Decode a request body as strict JSON: no NaN/Infinity, no lone surrogates, bounded work for big bodies.
+
+    A body over LARGE_BODY_BYTES may hold at most MAX_BODY_STRINGS strings: decoding costs per value, on the event
+    loop, and a body of a million tiny strings would stall every other request for a quarter of a second before any
+    limit could look at it. `"\\ud800"` is valid JSON but not text (a lone surrogate cannot be encoded, tokenized or
+    logged): such a body is refused here, naming the field.
 
     Raises:
-        InvalidRequestError: the body is not valid JSON (400).
+        InvalidRequestError: the body is not valid JSON, holds invalid Unicode or too many strings (400).
     """
+    if len(raw) > LARGE_BODY_BYTES:
+        quote = b'"' if isinstance(raw, bytes) else '"'
+        if raw.count(quote) > 2 * MAX_BODY_STRINGS:  # type: ignore[arg-type]  # bytes with bytes, str with str
+            raise InvalidRequestError(f"The request body holds more than {MAX_BODY_STRINGS} JSON strings; no "
+                                      "request needs that many", code="limit_exceeded")
     try:
-        return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+        data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise InvalidRequestError(f"The request body is not valid JSON: {reason}", code="invalid_json") from None
+    if _SURROGATE_ESCAPE.search(raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")):
+        path = _lone_surrogate_path(data, "")
+        if path is not None:
+            raise InvalidRequestError(
+                f"{path or 'The request body'}: invalid Unicode: a lone surrogate escape (such as \\ud800) is not a "
+                "character; send UTF-8 text, or a surrogate pair for characters beyond U+FFFF",
+                param=path or None, code="invalid_unicode")
+    return data
 
 
-def parse_body(cls: type[T], raw: bytes | str) -> T:
-    """Decode and validate a request body into `cls`.
+def parse_body(cls: type[T], raw: bytes | str, limits: RequestLimits | None = None) -> T:
+    """Decode and validate a request body into `cls`; with `limits`, check them before structuring it.
 
     Raises:
-        InvalidRequestError: malformed JSON, a body that is not an object, any field of the wrong type or out of
-            range (all of them listed; `param` is the first).
+        InvalidRequestError: malformed JSON, a body that is not an object, a limit passed, any field of the wrong type
+            or out of range (all of them listed; `param` is the first).
     """
     data = decode_json(raw)
     if not isinstance(data, dict):
         raise InvalidRequestError(f"The request body must be a JSON object, got {_describe(data)}", code="invalid_json")
+    if limits is not None and cls in _TEXT_FIELDS:
+        check_raw(data, limits, _TEXT_FIELDS[cls], has_prompt_list=cls is CompletionRequest)
     try:
         value = converter.structure(data, cls)
     except (BaseValidationError, FieldError) as exc:
@@ -307,9 +360,11 @@ def _cross_checks(value: object) -> list[tuple[str | None, str]]:
     if isinstance(stop, str) and not stop or isinstance(stop, list) and any(not s for s in stop):
         errors.append(("stop", "stop strings must not be empty"))
     logit_bias = getattr(value, "logit_bias", None) or {}
-    bad_keys = [key for key in logit_bias if not key.isdigit()]
+    bad_keys = [key for key in logit_bias if not _TOKEN_ID_KEY.fullmatch(key)]
     if bad_keys:
         errors.append(("logit_bias", f"keys must be token ids (non-negative integers as strings), got {bad_keys[0]!r}"))
+    if getattr(value, "stream_options", None) is not None and not getattr(value, "stream", False):
+        errors.append(("stream_options", "stream_options is only allowed when stream is true"))
     if isinstance(value, ChatCompletionRequest):
         if isinstance(value.messages, list) and not value.messages:
             errors.append(("messages", "must contain at least one message"))

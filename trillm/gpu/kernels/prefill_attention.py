@@ -101,9 +101,10 @@ def fresh_prefill_attention(
     for length in lens:
         rows = slice(start, start + length)
         start += length
-        attended = F.scaled_dot_product_attention(  # [heads, length, head_dim] views of the packed rows
-            q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1), is_causal=True, scale=scale,
-            enable_gqa=gqa,
+        # [1, heads, length, head_dim] views of the packed rows: 4-D, or SDPA takes its slow math path (measured
+        # 994 us for 1,024 tokens on 3-D views against 32 us)
+        attended = F.scaled_dot_product_attention(
+            *(t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v)), is_causal=True, scale=scale, enable_gqa=gqa
         )
-        out[rows] = attended.transpose(0, 1)
+        out[rows] = attended[0].transpose(0, 1)
     return out
