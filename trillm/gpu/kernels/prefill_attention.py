@@ -103,8 +103,7 @@ def fresh_prefill_attention(
         start += length
         # [1, heads, length, head_dim] views of the packed rows: 4-D, or SDPA takes its slow math path (measured
         # 994 us for 1,024 tokens on 3-D views against 32 us)
-        attended = F.scaled_dot_product_attention(
-            *(t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v)), is_causal=True, scale=scale, enable_gqa=gqa
-        )
+        q4, k4, v4 = (t[rows].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        attended = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=gqa)
         out[rows] = attended[0].transpose(0, 1)
     return out
