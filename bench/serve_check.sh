@@ -5,6 +5,7 @@
 #   bench/serve_check.sh serve COMMIT    `trillm serve` driven by bench/serve.py: ShareGPT-like mix (tp=1, and with
 #                                        --max-prefill-token-num 2048), Poisson 8 req/s, one stream of 1k/128,
 #                                        a shared 1k prefix with prefix caching off and on, and tp=2 on two GPUs
+#   bench/serve_check.sh quick COMMIT    one server: c1, the ShareGPT-like mix, the shared prefix
 #   bench/serve_check.sh prefix-ab COMMIT the ShareGPT-like mix (no shared prefixes) with prefix caching off and on:
 #                                        what caching costs where it cannot help
 # Needs the wheels of .whl/ (trio, quart, hypercorn, cattrs, msgspec, ...) and a tokenizer-only copy of the default
@@ -90,6 +91,15 @@ widths = [max(len(str(x[i])) for x in rows) for i in range(len(rows[0]))]
 for row in rows:
     print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
 PY
+  ;;
+quick)  # one server: one stream of 1k/128, the ShareGPT-like mix, the shared prefix (caching on)
+  export CUDA_VISIBLE_DEVICES=0
+  serve_up tp1 && {
+    bench c1 --dataset random --input-len 1024 --output-len 128 --num-prompts 16 --max-concurrency 1
+    bench sharegpt-tp1 --dataset sharegpt-like --num-prompts "$N" --max-concurrency 256
+    bench prefix-on --dataset shared-prefix --prefix-len 1024 --suffix-len 32 --output-len 16 --num-prompts 48 \
+      --max-concurrency 48
+    serve_down; }
   ;;
 prefix)  # the shared-prefix pair alone
   export CUDA_VISIBLE_DEVICES=0
