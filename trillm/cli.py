@@ -132,6 +132,7 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trillm", description="trillm: an OpenAI-compatible LLM server.")
+    parser.add_argument("--version", action="version", version=f"trillm {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve a model, or talk to a server")
     targets = serve.add_subparsers(dest="target", required=True, metavar="TARGET")
@@ -147,26 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The flags given for `cls`'s fields (unset flags keep the config's defaults)."""
-    values = {}
-    parser.add_argument("--version", action="version", version=f"trillm {_version()}")
-    for field in attrs.fields(cls):
-        value = getattr(args, field.name, None)
-        if value is None or field.name == "engine":
-            continue
-        values[field.name] = tuple(value) if isinstance(value, list) else value
-    return values
-
-
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    """A ServerConfig from parsed `serve api_server` flags.
-
-    Raises:
-        ValueError: a value fails the config's validation (the message names the flag).
-    """
-    engine = EngineConfig(**_fields(EngineConfig, args))
-    return ServerConfig(engine=engine, **_fields(ServerConfig, args))
 def _version() -> str:
     try:
         return importlib.metadata.version("trillm")
@@ -213,6 +194,25 @@ def _add_gradio(targets: Any) -> None:
                         help=f"port the page listens on (default {GRADIO_PORT})")
 
 
+def _fields(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given for `cls`'s fields (unset flags keep the config's defaults)."""
+    values = {}
+    for field in attrs.fields(cls):
+        value = getattr(args, field.name, None)
+        if value is None or field.name == "engine":
+            continue
+        values[field.name] = tuple(value) if isinstance(value, list) else value
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """A ServerConfig from parsed `serve api_server` flags.
+
+    Raises:
+        ValueError: a value fails the config's validation (the message names the flag).
+    """
+    engine = EngineConfig(**_fields(EngineConfig, args))
+    return ServerConfig(engine=engine, **_fields(ServerConfig, args))
 
 
 async def _wait_for_shutdown(state: Any, grace_s: float) -> None:

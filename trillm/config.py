@@ -55,6 +55,8 @@ class EngineConfig:
     dtype: str = attrs.field(default="auto", validator=_one_of("auto", "float16", "bfloat16", "float32"))
     device: str = attrs.field(default="auto", validator=_one_of("auto", "cuda", "cpu"))
     cpu_memory_budget_bytes: int = attrs.field(default=2 << 30, validator=_positive)  # KV budget base on CPU
+    cpu_threads: int | None = attrs.field(default=None, validator=_positive)  # torch threads per CPU rank; None:
+    # the usable cores split between the ranks (docs/perf.md, CPU)
     enable_cuda_graph: bool = True
     cache_dir: str | None = None  # where converted GGUF folders are kept; None = ~/.cache/trillm
     seed: int = 0  # engine seed from which unseeded requests draw their seeds
@@ -86,6 +88,7 @@ class RunnerConfig:
     cache_max_entry_count: float
     cpu_memory_budget_bytes: int
     enable_cuda_graph: bool
+    cpu_threads: int = 0  # torch intra-op threads on a CPU rank; 0: the usable cores // world_size
 
 
 @attrs.frozen(kw_only=True)
@@ -142,7 +145,7 @@ def _fields_from_env(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
         if key not in environ or attrs.has(field.type if isinstance(field.type, type) else object):
             continue
         default = field.default if field.default is not None else ""
-        if field.name in ("session_len", "max_batch_size", "max_log_len", "max_new_tokens"):
+        if field.name in ("session_len", "max_batch_size", "max_log_len", "max_new_tokens", "cpu_threads"):
             default = 0
         try:
             values[field.name] = _parse_env_value(environ[key], default)

@@ -25,7 +25,8 @@ from tests.served import free_port
 from tests.ui.conftest import STEP_S
 
 pytest.importorskip("gradio", reason="the `ui` extra is not installed: .venv/bin/pip install -e '.[ui]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: .venv/bin/pip install -e '.[dev]'")
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="playwright is not installed: .venv/bin/pip install -e '.[dev]'")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.slow,
@@ -105,6 +106,22 @@ def send(page: Any, message: str) -> None:
     page.press("#message textarea", "Enter")
 
 
+def wait_done(page: Any) -> None:
+    """Until the handler's last update (the status leaves "Answering...")."""
+    page.wait_for_function("!document.querySelector('#status').innerText.includes('Answering')", timeout=WAIT_MS)
+
+
+# Records the length of the newest answer bubble at every change of the chat, in the page itself: a poll from
+# here could miss the steps of a stream on a busy machine.
+RECORD_LENGTHS = """() => {
+    window.answerLengths = [];
+    new MutationObserver(() => {
+        const bubbles = document.querySelectorAll("#chat [data-testid='bot']");
+        if (bubbles.length) window.answerLengths.push(bubbles[bubbles.length - 1].innerText.trim().length);
+    }).observe(document.querySelector('#chat'), {childList: true, subtree: true, characterData: true});
+}"""
+
+
 def session_id_shown(page: Any) -> int:
     return int(status(page).split()[1].rstrip("."))
 
@@ -117,16 +134,11 @@ def test_send_stream_cancel_and_reset_in_chromium(page: Any, slow_server: LiveSe
 
     session_id = session_id_shown(page)
     # a message sent with Enter is answered, and the answer grows on the page while it is generated
+    page.evaluate(RECORD_LENGTHS)
     send(page, "hi, what's your name?")
-    seen: set[int] = set()
-
-    def answered() -> bool:
-        shown = answers(page)
-        if shown:
-            seen.add(len(shown[-1]))
-        return bool(shown) and shown[-1] == SCRIPT
-
-    wait_until(answered, "the first answer")
+    wait_until(lambda: answers(page)[-1:] == [SCRIPT], "the first answer")
+    wait_done(page)
+    seen = set(page.evaluate("window.answerLengths"))
     assert len(seen - {0, len(SCRIPT)}) >= 3, f"the answer did not stream: lengths seen {sorted(seen)}"
     assert set(sessions()) == {session_id}
     first_sampling = engine.requests[-1].sampling
@@ -146,6 +158,7 @@ def test_send_stream_cancel_and_reset_in_chromium(page: Any, slow_server: LiveSe
     partial = answers(page)[-1]
     assert SCRIPT.startswith(partial) and len(partial) < len(SCRIPT) - 10
     assert session_id in sessions() and sessions()[session_id] > history_before
+    wait_done(page)
 
     # the sliders reach the server: max new tokens 20 stops the answer there
     page.fill("#max-new-tokens input[type='number']", "20")
@@ -164,7 +177,8 @@ def test_send_stream_cancel_and_reset_in_chromium(page: Any, slow_server: LiveSe
     new_session_id = session_id_shown(page)
     assert new_session_id != session_id
     send(page, "hello again")
-    wait_until(lambda: bool(answers(page)) and answers(page)[-1] == SCRIPT[:20], "the answer after Reset")
+    wait_until(lambda: answers(page)[-1:] == [SCRIPT[:20]], "the answer after Reset")
+    wait_done(page)
     assert set(sessions()) == {new_session_id}
 
     # a failure is shown in the page with what to do

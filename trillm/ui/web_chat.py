@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import gradio as gr
@@ -63,11 +64,12 @@ class WebChat:
                 temperature: float) -> Iterator[Update]:
         """Send `message` and stream the answer: yields (textbox, chatbot, tab, status) updates."""
         tab = tab or self.new_tab()
+        keep = gr.update()  # the message box as it is: the user may type the next message meanwhile
         if not message.strip():
-            yield message, tab.messages, tab, tab.status("Type a message first.")
+            yield keep, tab.messages, tab, tab.status("Type a message first.")
             return
         if tab.is_answering:
-            yield message, tab.messages, tab, tab.status("An answer is still being written: wait, or press Cancel.")
+            yield keep, tab.messages, tab, tab.status("An answer is still being written: wait, or press Cancel.")
             return
         session_id = tab.session.session_id
         messages = tab.messages
@@ -77,13 +79,15 @@ class WebChat:
         yield "", messages, tab, tab.status("Answering...")
         note = ""
         try:
-            for line in tab.session.turn(message, request_output_len=int(max_new_tokens), top_p=top_p,
-                                         temperature=temperature):
-                if tab.session.session_id != session_id:
-                    return  # Reset: this answer belongs to the ended session
-                messages[-1]["content"] += line.get("text") or ""
-                yield "", messages, tab, tab.status("Answering...")
-                note = _finish_note(line, int(max_new_tokens))
+            # closing(): a tab that goes away mid-answer closes the stream (the server then cancels the turn)
+            with closing(tab.session.turn(message, request_output_len=int(max_new_tokens), top_p=top_p,
+                                          temperature=temperature)) as lines:
+                for line in lines:
+                    if tab.session.session_id != session_id:
+                        return  # Reset: this answer belongs to the ended session
+                    messages[-1]["content"] += line.get("text") or ""
+                    note = _finish_note(line, int(max_new_tokens))
+                    yield keep, messages, tab, tab.status("Answering...")
         except APIError as exc:
             if not messages[-1]["content"]:
                 messages.pop()  # no answer: leave the question, drop the empty bubble
@@ -91,7 +95,7 @@ class WebChat:
         finally:
             if tab.session.session_id == session_id:
                 tab.is_answering = False
-        yield "", messages, tab, tab.status(note)
+        yield keep, messages, tab, tab.status(note)
 
     def cancel(self, tab: TabChat | None) -> str:
         """Cancel: stop the tab's running answer on the server."""
@@ -122,7 +126,7 @@ class WebChat:
             gr.Markdown(f"## trillm chat\n{', '.join(self.model_names) or 'no model'} at "
                         f"`{self.client.api_server_url}`")
             tab = gr.State(None, delete_callback=_end_quietly)
-            chatbot = gr.Chatbot(label="chat", elem_id="chat", height=420)
+            chatbot = gr.Chatbot(label="chat", elem_id="chat", height=480, buttons=["copy", "copy_all"])
             box = gr.Textbox(label="message", elem_id="message", lines=1, max_lines=8,
                              placeholder="Type a message and press Enter (Shift+Enter for a new line)")
             with gr.Row():
@@ -144,6 +148,7 @@ class WebChat:
             send.click(self.respond, inputs, outputs, concurrency_limit=None)
             cancel.click(self.cancel, [tab], [status], concurrency_limit=None)
             reset.click(self.reset, [tab], [chatbot, tab, status], concurrency_limit=None)
+            chatbot.clear(self.reset, [tab], [chatbot, tab, status])  # the chat's own trash icon resets too
         blocks: gr.Blocks = page  # gradio types `with ... as` loosely
         return blocks
 
