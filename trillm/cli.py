@@ -82,6 +82,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"),
                         help="weights and activations (default auto: bfloat16 on CUDA, float32 on CPU)")
     engine.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default auto: CUDA when present")
+    engine.add_argument("--cpu-threads", type=int,
+                        help="torch threads of each CPU rank (default: the usable cores split between the ranks)")
     engine.add_argument("--cache-dir", help="where converted GGUF models are kept (default ~/.cache/trillm)")
 
 

@@ -100,6 +100,7 @@ def runner_configs(config: EngineConfig, model_path: str, device: str) -> list[R
             cache_max_entry_count=config.cache_max_entry_count,
             cpu_memory_budget_bytes=config.cpu_memory_budget_bytes,
             enable_cuda_graph=config.enable_cuda_graph,
+            cpu_threads=config.cpu_threads or 0,
         )
         for rank in range(config.tp)
     ]

@@ -2,9 +2,9 @@
 
 Runs outside the event loop, inside a rank process (`ModelRunner.__init__` calls it once).
 
-Op sets: CPU runs `gpu/reference.py`. CUDA runs the CuPy kernels of `gpu/kernels/` in bfloat16/float16; float32,
-or a shape the kernels do not support (head_dim other than 64/128), runs the reference ops on the GPU, eagerly
-(`kernels_support` says why). On CUDA the projection weights are stored column-major (`column_major_weights`):
+Op sets: CPU runs `gpu/cpu_ops.py` (the reference ops' results in fewer torch calls). CUDA runs the CuPy kernels of
+`gpu/kernels/` in bfloat16/float16; float32, or a shape the kernels do not support (head_dim other than 64/128), runs
+the reference ops on the GPU, eagerly (`kernels_support` says why). On CUDA the projection weights are stored column-major (`column_major_weights`):
 cuBLAS streams them faster at decode batch sizes.
 
 Weights: a random preset (`random:<name>`) draws its weights on the device from RANDOM_SEED; any other model path is
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from trillm.gpu import kernels, reference
+from trillm.gpu import cpu_ops, kernels, reference
 from trillm.models.layers import AllReduce, ColumnParallelLinear, RowParallelLinear
 from trillm.models.llama import LlamaArgs, LlamaForCausalLM, checkpoint_shapes
 from trillm.models.loader import check_architecture, iter_safetensors, read_hf_config
@@ -50,9 +50,9 @@ def kernels_support(args: LlamaArgs, dtype: torch.dtype) -> str | None:
 
 
 def select_ops(args: LlamaArgs, dtype: torch.dtype, device: torch.device) -> Any:
-    """The op set this model runs on `device`: the reference module on CPU, the kernels package where they fit."""
+    """The op set this model runs on `device`: `cpu_ops` on CPU, the kernels package where they fit."""
     if device.type == "cpu":
-        return reference
+        return cpu_ops
     unsupported = kernels_support(args, dtype)
     if unsupported is None:
         return kernels

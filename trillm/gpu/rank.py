@@ -49,13 +49,13 @@ def recv_message(sock: socket.socket, decoder: FrameDecoder) -> Any:
 
 
 def _configure_threads(config: RunnerConfig) -> None:
-    """On CPU, split the cores this process may use evenly between the ranks (each rank is one process)."""
+    """On CPU, `cpu_threads` torch threads, or the cores this process may use split evenly between the ranks."""
     if config.device != "cpu":
         return
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // config.world_size))
+    torch.set_num_threads(config.cpu_threads or max(1, cores // config.world_size))
 
 
 def rank_main(config: RunnerConfig, sock: socket.socket) -> None:
