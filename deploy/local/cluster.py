@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,10 +38,11 @@ REPLICA_HOST = "127.0.0.1"
 POLL_S = 0.25
 
 
-def _replica_command(template: str | None, serve_args: Sequence[str], port: int) -> list[str]:
-    """The command of one replica: `trillm serve api_server ...` on REPLICA_HOST:port, or the template's."""
+def _replica_command(template: str | None, serve_args: Sequence[str], index: int, port: int) -> list[str]:
+    """The command of replica `index` (from 0): `trillm serve api_server ...` on REPLICA_HOST:port, or the
+    template's, with {index}, {host} and {port} filled in."""
     if template:
-        return [part.format(port=port, host=REPLICA_HOST) for part in shlex.split(template)]
+        return [part.format(index=index, port=port, host=REPLICA_HOST) for part in shlex.split(template)]
     return [sys.executable, "-m", "trillm", "serve", "api_server", *serve_args,
             "--server-name", REPLICA_HOST, "--server-port", str(port)]
 
@@ -81,13 +83,14 @@ class Cluster:
         self.urls = [f"http://{REPLICA_HOST}:{port}" for port in self.ports]
         self.replicas: list[subprocess.Popen[bytes]] = []
         self.haproxy: subprocess.Popen[bytes] | None = None
+        self.admin_socket = self.run_dir / "haproxy.sock"
         self._args = args
         self._serve_args = serve_args
 
     def start(self) -> None:
         print(f"cluster: logs and haproxy.cfg in {self.run_dir}", flush=True)
         for index, port in enumerate(self.ports, start=1):
-            command = _replica_command(self._args.replica_command, self._serve_args, port)
+            command = _replica_command(self._args.replica_command, self._serve_args, index - 1, port)
             log = open(self.run_dir / f"replica-{index}.log", "wb")  # noqa: SIM115 (owned by the child)
             # A session of its own: Ctrl-C in the terminal reaches only this script, which then drains each
             # replica with one SIGTERM (a second signal would stop a replica at once).
@@ -101,7 +104,8 @@ class Cluster:
         listen = f"{self._args.host}:{self._args.port}"
         stats = f"{self._args.host}:{self._args.stats_port}" if self._args.stats_port else None
         config_path = self.run_dir / "haproxy.cfg"
-        config_path.write_text(haproxy_config(listen, self.ports, replica_host=REPLICA_HOST, stats_listen=stats))
+        config_path.write_text(haproxy_config(listen, self.ports, replica_host=REPLICA_HOST, stats_listen=stats,
+                                              admin_socket=str(self.admin_socket)))
         log = open(self.run_dir / "haproxy.log", "wb")  # noqa: SIM115 (owned by the child)
         self.haproxy = subprocess.Popen([self._args.haproxy, "-db", "-f", str(config_path)], stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -118,6 +122,7 @@ class Cluster:
             for index, process in enumerate(self.replicas, start=1):
                 if process.poll() is not None and index not in reported:
                     reported.add(index)
+                    self._retire(index)
                     print(f"cluster: replica {index} exited with {process.returncode}; HAProxy routes around it",
                           flush=True)
             if len(reported) == len(self.replicas):
@@ -126,6 +131,19 @@ class Cluster:
             time.sleep(POLL_S)
         print("cluster: HAProxy exited", flush=True)
         return 1
+
+    def _retire(self, index: int) -> None:
+        """Put replica `index` in maintenance for good: a process started again on its port is not sent requests,
+        so the sessions bound to the dead replica keep getting 410 instead of starting afresh there."""
+        for backend in ("stateless", "sessions"):
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as admin:
+                    admin.settimeout(2.0)
+                    admin.connect(str(self.admin_socket))
+                    admin.sendall(f"disable server {backend}/r{index}\n".encode())
+                    admin.recv(4096)
+            except OSError as exc:
+                print(f"cluster: could not take replica {index} out of {backend}: {exc}", flush=True)
 
     def stop(self) -> None:
         """Drain the replicas (SIGTERM) and soft-stop HAProxy (SIGUSR1); kill what outlives the grace period.
@@ -176,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--graceful-timeout", type=float, default=30.0,
                         help="seconds the replicas get to drain at stop (match the replicas' own flag; default 30)")
     parser.add_argument("--replica-command", metavar="TEMPLATE",
-                        help="run this instead of trillm serve ({port} and {host} are filled in; for tests)")
+                        help="run this instead of `trillm serve api_server ARGS`: {port}, {host} and {index} (the "
+                             "replica's number from 0, e.g. for CUDA_VISIBLE_DEVICES={index}) are filled in")
     return parser
 
 

@@ -128,14 +128,18 @@ def _sessions_backend(ports: Sequence[int], host: str) -> list[str]:
 
 
 def haproxy_config(listen: str, replica_ports: Sequence[int], *, replica_host: str = "127.0.0.1",
-                   stats_listen: str | None = None) -> str:
-    """The whole configuration: `listen` ("host:port") in front of the replicas on `replica_host:port`."""
+                   stats_listen: str | None = None, admin_socket: str | None = None) -> str:
+    """The whole configuration: `listen` ("host:port") in front of the replicas on `replica_host:port`.
+
+    `admin_socket`: a Unix socket path for HAProxy's runtime API (cluster.py takes a dead replica out for good).
+    """
     if not replica_ports:
         raise ValueError("a cluster needs at least one replica")
     lines = [
         "global",
         f"    tune.bufsize {BUFFER_BYTES}",
         "    log stdout format raw local0 info",
+        *([f"    stats socket {admin_socket} mode 600 level admin"] if admin_socket else []),
         "defaults",
         "    mode http",
         "    log global",

@@ -107,6 +107,12 @@ class RunningCluster:
                 metrics.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
         return metrics
 
+    def replica_metrics_or_none(self, index: int) -> dict[str, Any] | None:
+        try:
+            return self.replica_metrics(index)
+        except httpx.HTTPError:
+            return None
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -259,6 +265,28 @@ def test_haproxy_accepts_the_generated_configuration(num_replicas: int, tmp_path
     path.write_text(config)
     checked = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_server_started_again_on_a_dead_replicas_port_gets_no_traffic(cluster: RunningCluster) -> None:
+    port = cluster.replica_ports[0]
+    restarted = subprocess.Popen([sys.executable, "-m", "tests.deploy.fake_replica", "--port", str(port)],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not cluster.replica_metrics_or_none(1) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.5)  # more than HAProxy needs to bring a server back (one health check a second)
+        with httpx.Client(base_url=cluster.url, timeout=30) as client:
+            answers = [turn(client, sid, "still there?") for sid in ALL_SESSION_IDS]
+            statuses = [completion(client, i).status_code for i in range(20)]
+        assert statuses == [200] * 20
+        assert completions_200(cluster.replica_metrics(1)) == 0  # the new server on the port got none of them
+        assert all(r.status_code == 200 and r.json()["history_tokens"] > 0 for r in answers
+                   if r.status_code != 410), [r.text for r in answers]
+        assert sum(r.status_code == 410 for r in answers) > 0  # the dead replica's sessions: still 410
+    finally:
+        restarted.kill()
+        restarted.wait()
 
 
 def test_the_cluster_stops_on_sigterm(cluster: RunningCluster) -> None:
