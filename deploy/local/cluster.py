@@ -7,8 +7,9 @@ Everything after `--` goes to every replica's `trillm serve api_server` (MODEL a
 is set here). Replicas listen on 127.0.0.1, on ports from --first-replica-port; HAProxy listens on --host:--port
 (default 0.0.0.0:23333) and routes as deploy/local/haproxy_config.py describes. The cluster is up once every
 replica answers /health; it then prints `cluster: serving on URL`. SIGINT or SIGTERM stops it: the replicas drain
-(requests in flight finish) while HAProxy stops accepting. A replica that dies is left out by HAProxy and reported
-here; the cluster stops when HAProxy or the last replica exits.
+(requests in flight finish) while HAProxy stops accepting. A replica that dies is reported here and put in
+maintenance in HAProxy for good (through its admin socket), so its sessions keep getting 410 even if a server
+starts again on its port; the cluster stops when HAProxy or the last replica exits.
 
 Logs and the generated haproxy.cfg go to --run-dir (default: a new temporary directory, printed at start).
 Needs `haproxy` on PATH (Debian/Ubuntu: `apt-get install haproxy`; `make haproxy` does it).
