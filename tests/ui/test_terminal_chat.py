@@ -12,10 +12,12 @@ import pexpect
 import pytest
 
 from tests.http.http_fakes import SCRIPT, FakeEngine, _Session
-from tests.http.http_live import LiveServer
+from tests.http.http_live import LiveServer, server_config
 from tests.served import free_port
 from tests.ui.conftest import serve
+from trillm.cli import main
 from trillm.client import APIClient, APIError
+from trillm.http.app import create_app
 from trillm.ui.chat_session import ChatSession
 from trillm.ui.terminal import TerminalChat
 
@@ -166,3 +168,14 @@ def test_a_turn_right_after_a_cancel_waits_out_the_409(slow_server: LiveServer, 
     client_end = APIClient(slow_server.url)
     client_end.end_session(4343)
     client_end.close()
+
+
+def test_a_server_with_keys_says_to_pass_one(capsys: pytest.CaptureFixture[str]) -> None:
+    server = LiveServer(create_app(server_config(api_keys=("sk-right",)), engine=FakeEngine())).start()
+    try:
+        assert main(["serve", "api_client", server.url]) == 1
+        assert "The server wants an API key" in capsys.readouterr().err
+        with APIClient(server.url, api_key="sk-right") as client:
+            assert chat(ChatSession(client), "hi", "").count(SCRIPT) == 1
+    finally:
+        server.stop()
