@@ -26,6 +26,7 @@ from trillm.client import APIClient, APIError
 log = logging.getLogger(__name__)
 
 MAX_SESSION_ID = (1 << 31) - 1  # chosen ids fit a signed 32-bit integer, below the server's own (from 2³¹)
+MAX_NEW_TOKENS = 512  # per answer unless the user sets otherwise, as LMDeploy's api_client and gradio ask
 SETTLE_S = 5.0  # how long a turn right after a cancel retries on 409 while the server finishes the cancelled turn
 RETRY_S = 0.1
 

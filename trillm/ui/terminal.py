@@ -15,11 +15,10 @@ from contextlib import closing
 from typing import Any, TextIO
 
 from trillm.client import APIClient, APIError
-from trillm.ui.chat_session import ChatSession, explain
+from trillm.ui.chat_session import MAX_NEW_TOKENS, ChatSession, explain
 
 log = logging.getLogger(__name__)
 
-MAX_NEW_TOKENS = 512  # per answer, as LMDeploy's api_client asks
 NEW_SESSION_HINT = "type `end`"
 FIRST_PROMPT = ">>> "
 NEXT_PROMPT = "... "

@@ -21,12 +21,11 @@ from typing import Any
 import gradio as gr
 
 from trillm.client import APIClient, APIError
-from trillm.ui.chat_session import ChatSession, explain
+from trillm.ui.chat_session import MAX_NEW_TOKENS, ChatSession, explain
 
 log = logging.getLogger(__name__)
 
 NEW_SESSION_HINT = "press Reset"
-MAX_NEW_TOKENS = 512
 MAX_NEW_TOKENS_LIMIT = 8192
 TOP_P = 0.8
 TEMPERATURE = 0.8  # the interactive endpoint's own defaults (API.md), as the terminal chat sends them
