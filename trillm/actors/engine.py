@@ -109,6 +109,15 @@ def _describe(exc: BaseException) -> str:
 # -- the engine ------------------------------------------------------------------------------------------------------
 
 
+def _warm_chat_template(tokenizer: Tokenizer) -> None:
+    """Render one message, so the first chat request does not pay for the template's imports (transformers: ~2 s
+    on the H100 host) and compilation; a template that rejects it fails later, on a real request, with its 400."""
+    try:
+        tokenizer.render_chat([{"role": "user", "content": "hello"}])
+    except Exception:  # noqa: BLE001 - no template, or one that wants other messages: nothing to warm
+        log.debug("chat template warm-up skipped", exc_info=True)
+
+
 class Engine:
     """The serving engine: the HTTP layer's one entry point. Build it with `Engine.open`."""
 
@@ -166,6 +175,7 @@ class Engine:
                 tokenizer_path = await trio.to_thread.run_sync(_resolve_model, tokenizer_spec, config.cache_dir)
             load = partial(Tokenizer.from_folder, tokenizer_path, chat_template=config.chat_template)
             tokenizer = await trio.to_thread.run_sync(load)
+            await trio.to_thread.run_sync(_warm_chat_template, tokenizer)
         configs = runner_configs(config, model_path, resolve_device(config.device))
         engine = cls(config, tokenizer)
         main = partial(engine._supervise, configs, runner_factory, rank_target, use_threads)
