@@ -11,6 +11,7 @@ from tests.http.http_live import LiveServer, server_config
 from trillm.http.app import create_app
 
 STEP_S = 0.04  # one token per step: the fake's whole answer (SCRIPT, then EOS) takes about 3 s
+LONG_STEP_S = 0.25  # for an answer to interrupt: 19 s, so a Ctrl-C or Cancel lands mid-answer on a busy machine
 
 
 def serve(engine: FakeEngine) -> LiveServer:

@@ -14,7 +14,7 @@ import pytest
 from tests.http.http_fakes import SCRIPT, FakeEngine, _Session
 from tests.http.http_live import LiveServer, server_config
 from tests.served import free_port
-from tests.ui.conftest import serve
+from tests.ui.conftest import LONG_STEP_S, STEP_S, serve
 from trillm.cli import main
 from trillm.client import APIClient, APIError
 from trillm.http.app import create_app
@@ -50,11 +50,15 @@ def test_two_turns_a_ctrl_c_end_and_exit_through_a_pty(slow_server: LiveServer, 
         after_turn_1 = history(slow_server, slow_engine, session_id)
         assert after_turn_1 is not None and after_turn_1 > len(SCRIPT)
         # turn 2: Ctrl-C once the answer has started
-        child.sendline("tell me more")
-        child.sendline("")
-        child.expect_exact(SCRIPT[:8])
-        child.sendintr()
-        child.expect_exact("[answer cancelled; it stays in the session's history]")
+        slow_server.call(setattr, slow_engine, "step_s", LONG_STEP_S)
+        try:
+            child.sendline("tell me more")
+            child.sendline("")
+            child.expect_exact(SCRIPT[:8])
+            child.sendintr()
+            child.expect_exact("[answer cancelled; it stays in the session's history]")
+        finally:
+            slow_server.call(setattr, slow_engine, "step_s", STEP_S)
         shown = SCRIPT[:8] + child.before
         assert "^C" in shown and len(shown.split("^C")[0]) < len(SCRIPT) - 10
         child.expect_exact(">>> ")

@@ -22,7 +22,7 @@ import pytest
 from tests.http.http_fakes import SCRIPT, FakeEngine
 from tests.http.http_live import LiveServer
 from tests.served import free_port
-from tests.ui.conftest import STEP_S
+from tests.ui.conftest import LONG_STEP_S, STEP_S
 
 pytest.importorskip("gradio", reason="the `ui` extra is not installed: .venv/bin/pip install -e '.[ui]'")
 sync_api = pytest.importorskip("playwright.sync_api",
@@ -37,7 +37,6 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
 WAIT_MS = 20_000
-LONG_STEP_S = 0.25  # the whole answer then takes 19 s
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,7 @@ def test_send_stream_cancel_and_reset_in_chromium(page: Any, slow_server: LiveSe
 
     # Cancel stops a long answer; the partial answer stays on the page and in the server's session
     history_before = sessions()[session_id]
-    server.call(setattr, engine, "step_s", LONG_STEP_S)  # a long answer: the Cancel lands mid-answer on a busy machine
+    server.call(setattr, engine, "step_s", LONG_STEP_S)
     try:
         send(page, "tell me more")
         wait_until(lambda: len(answers(page)) == 2 and len(answers(page)[-1]) >= 8, "the second answer to start")
