@@ -85,6 +85,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--cpu-threads", type=int,
                         help="torch threads of each CPU rank (default: the usable cores split between the ranks)")
     engine.add_argument("--cache-dir", help="where converted GGUF models are kept (default ~/.cache/trillm)")
+    engine.add_argument("--max-sessions", type=int,
+                        help="most interactive sessions held at once; a new one past it gets a 429 (default 4096)")
+    engine.add_argument("--session-idle-timeout", type=float, dest="session_idle_timeout_s",
+                        help="seconds after which an idle interactive session is ended and its KV freed (default "
+                             "3600; 0: never)")
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:

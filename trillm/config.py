@@ -23,6 +23,11 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: Any) -> 
         raise ValueError(f"--{attribute.name.replace('_', '-')} must be > 0, got {value}")
 
 
+def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"--{attribute.name.replace('_', '-')} must be >= 0, got {value}")
+
+
 def _fraction(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not 0.0 < value <= 1.0:
         raise ValueError(f"--{attribute.name.replace('_', '-')} must be in (0, 1], got {value}")
@@ -61,6 +66,8 @@ class EngineConfig:
     cache_dir: str | None = None  # where converted GGUF folders are kept; None = ~/.cache/trillm
     seed: int = 0  # engine seed from which unseeded requests draw their seeds
     enable_overlap: bool = True  # plan step N+1 while the ranks run step N (False: lockstep)
+    max_sessions: int = attrs.field(default=4096, validator=_positive)  # interactive sessions held at once
+    session_idle_timeout_s: float = attrs.field(default=3600.0, validator=_non_negative)  # idle session end; 0: never
 
     @property
     def served_model_name(self) -> str:

@@ -49,6 +49,18 @@ class SessionBusyError(TrillmError):
         self.session_id = session_id
 
 
+class SessionLimitError(TrillmError):
+    """A new interactive session would pass the server's --max-sessions (HTTP 429)."""
+
+    def __init__(self, max_sessions: int) -> None:
+        super().__init__(
+            f"the server holds its limit of {max_sessions} interactive sessions (--max-sessions): end sessions you "
+            "no longer need (prompt \"\", request_output_len 0, interactive_mode false), or retry later; idle "
+            "sessions end after --session-idle-timeout"
+        )
+        self.max_sessions = max_sessions
+
+
 class SessionOccupiedError(InvalidRequestError):
     """A stateless endpoint was given the id of an interactive session that has history (HTTP 400)."""
 

@@ -15,7 +15,7 @@ from trillm.actors.engine import Engine
 from trillm.protocol.api import CompletionOutput, FinishReason, GenerateRequest, InteractiveTurn, SamplingParams
 from trillm.protocol.step import SampleSpec
 from trillm.config import EngineConfig
-from trillm.errors import ContextLengthExceededError, SessionBusyError, SessionOccupiedError
+from trillm.errors import ContextLengthExceededError, SessionBusyError, SessionLimitError, SessionOccupiedError
 
 pytestmark = pytest.mark.usefixtures("overlap")  # every test runs in lockstep and with step overlap
 
@@ -25,10 +25,11 @@ GREEDY = SamplingParams(temperature=0.0)
 
 @asynccontextmanager
 async def open_engine(
-    *, num_blocks: int = 64, use_threads: bool = False, enable_prefix_caching: bool = True
+    *, num_blocks: int = 64, use_threads: bool = False, enable_prefix_caching: bool = True, **config_fields: Any
 ) -> AsyncIterator[tuple[Engine, FakeRunner]]:
     runner = FakeRunner(num_blocks=num_blocks, block_size=4)
-    config = EngineConfig(model="fake", cache_block_seq_len=4, enable_prefix_caching=enable_prefix_caching)
+    config = EngineConfig(model="fake", cache_block_seq_len=4, enable_prefix_caching=enable_prefix_caching,
+                          **config_fields)
     async with Engine.open(
         config, runner_factory=lambda _: runner, tokenizer=FakeTokenizer(), use_threads=use_threads
     ) as engine:
@@ -127,7 +128,7 @@ async def test_cancel_stops_the_turn_and_keeps_its_partial_output() -> None:
 async def test_end_session_frees_its_kv_and_forgets_its_history() -> None:
     async with open_engine() as (engine, _):
         await turn(engine, "hello")
-        assert engine.statistics().kv_usage > 0  # parked between turns
+        assert engine.statistics().session_kv_usage > 0  # parked between turns
         await engine.end_session(1)
         await trio.testing.wait_all_tasks_blocked()
         stats = engine.statistics()
@@ -173,7 +174,7 @@ async def test_evicted_session_recomputes_its_history_and_answers_exactly() -> N
     # Prefix caching off: with it, blocks of the first turn still in the cache would be reused after the eviction.
     async with open_engine(num_blocks=24, enable_prefix_caching=False) as (engine, _):  # 96 tokens of KV
         first = await turn(engine, "hello")
-        assert engine.statistics().kv_usage > 0
+        assert engine.statistics().session_kv_usage > 0
         # A stateless request that needs nearly the whole cache evicts the parked session.
         sampling = SamplingParams(temperature=0.0, max_tokens=20)
         big = GenerateRequest(request_id="big", prompt_token_ids=tuple(range(100, 170)), sampling=sampling)
@@ -194,3 +195,58 @@ async def test_new_session_ids_are_unique_and_skip_sessions_in_use() -> None:
         await turn(engine, "hi", session_id=first + 1)
         second = engine.new_session_id()
         assert second != first and second != first + 1
+
+
+async def test_idle_sessions_hold_kv_that_is_not_load() -> None:
+    async with open_engine() as (engine, _):
+        async with turn_context(engine, "hello", max_tokens=40) as outputs:
+            await take_tokens(outputs, 2)
+            running = engine.statistics()
+            assert running.kv_usage > 0 and running.session_kv_usage == 0
+            async for _ in outputs:
+                pass
+        for session_id in range(2, 12):
+            await turn(engine, "hello", session_id=session_id)
+        idle = engine.statistics()
+        assert idle.num_sessions == 11 and idle.num_running == 0
+        assert idle.kv_usage == 0.0 and idle.session_kv_usage > 0.3  # what a router reads says: not busy
+        assert idle.num_free_blocks + round(idle.session_kv_usage * idle.num_total_blocks) == idle.num_total_blocks
+
+
+async def test_idle_sessions_expire_and_free_their_kv(autojump_clock: trio.abc.Clock) -> None:
+    async with open_engine(session_idle_timeout_s=60.0) as (engine, _):
+        await turn(engine, "hello", session_id=1)
+        await trio.sleep(40)
+        await turn(engine, "hello", session_id=2)
+        await trio.sleep(30)  # session 1: idle 70 s; session 2: 30 s
+        stats = engine.statistics()
+        assert stats.num_sessions == 1 and stats.num_expired_sessions == 1
+        follow_up = await turn(engine, "again", session_id=2)
+        assert follow_up[0].num_history_tokens > 0  # session 2 lives on
+        await trio.sleep(100)
+        stats = engine.statistics()
+        assert stats.num_sessions == 0 and stats.num_expired_sessions == 2
+        assert stats.num_free_blocks == stats.num_total_blocks
+
+
+async def test_a_busy_session_never_expires(autojump_clock: trio.abc.Clock) -> None:
+    async with open_engine(session_idle_timeout_s=10.0) as (engine, _):
+        async with turn_context(engine, "hello", max_tokens=20) as outputs:
+            await take_tokens(outputs, 1)
+            await trio.sleep(60)  # a slow client: the turn is open all along
+            assert engine.statistics().num_sessions == 1
+            async for _ in outputs:
+                pass
+        assert engine.statistics().num_sessions == 1 and engine.statistics().num_expired_sessions == 0
+
+
+async def test_the_session_cap_holds() -> None:
+    async with open_engine(max_sessions=3) as (engine, _):
+        for session_id in (1, 2, 3):
+            await turn(engine, "hi", session_id=session_id)
+        with pytest.raises(SessionLimitError, match="limit of 3 interactive sessions"):
+            await turn(engine, "hi", session_id=4)
+        assert (await turn(engine, "more", session_id=2))[0].num_history_tokens > 0  # existing sessions go on
+        await engine.end_session(1)
+        await turn(engine, "hi", session_id=4)
+        assert engine.statistics().num_sessions == 3

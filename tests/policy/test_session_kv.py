@@ -72,3 +72,20 @@ def test_evict_lru_frees_the_least_recently_parked_session_first() -> None:
     assert [manager.ref_count(b) for b in blocks + other] == [0, 0, 0, 1]
     assert sessions.evict_lru() and not sessions.evict_lru()
     assert sessions.num_evicted == 2 and manager.num_free_blocks == 8
+
+
+def test_idle_blocks_are_those_only_parked_sessions_hold() -> None:
+    manager, sessions, blocks = parked()
+    assert sessions.num_idle_blocks() == 3
+    manager.acquire(blocks[:1])  # a running sequence shares the first block (a common prefix): that one is load
+    assert sessions.num_idle_blocks() == 2
+    shared = manager.allocate(1)
+    sessions.park(8, (1, 2), shared)
+    manager.acquire(shared)
+    sessions.park(9, (1, 2), shared)  # two sessions park the same block: still only parked references
+    assert sessions.num_idle_blocks() == 3
+    claimed = sessions.claim(7, TOKENS[:6] + (700, 701))  # a turn starts: its KV is load again
+    assert claimed is not None and sessions.num_idle_blocks() == 1
+    sessions.release(8)
+    assert sessions.num_idle_blocks() == 1
+    assert sessions.evict_lru() and not sessions.evict_lru() and sessions.num_idle_blocks() == 0

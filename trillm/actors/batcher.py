@@ -83,6 +83,10 @@ class BatcherActor:
             last_step_s=self._last_step_s,
         )
 
+    def num_idle_session_blocks(self) -> int:
+        """KV blocks only idle sessions hold (read from the serving loop for gauges; see ParkedSessions)."""
+        return self._scheduler.num_idle_session_blocks()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Loop until the inbox closes; on the way out, fail every live sequence and close the plan channels."""
         try:

@@ -62,6 +62,7 @@ from trillm.errors import (
     EngineDeadError,
     EngineDrainingError,
     InvalidRequestError,
+    SessionLimitError,
     SessionOccupiedError,
 )
 from trillm.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -75,6 +76,7 @@ INBOX_BUFFER = math.inf
 EVENT_SLACK = 2  # per-sequence event buffer = token budget + this (the final or error event)
 PLAN_BUFFER = 1  # plans a worker may hold ahead of its rank (room for step overlap, issue 4)
 SHUTDOWN_TIMEOUT_S = 30.0  # how long leaving `open` waits for the actors and ranks before cancelling them
+SESSION_EXPIRY_CHECK_S = 30.0  # at most this long between two looks for idle sessions
 FIRST_SESSION_ID = 1 << 31  # ids `new_session_id` hands out, above those clients usually pick themselves
 SEED_RANGE = 1 << 31
 RunnerFactory = Callable[[RunnerConfig], StepRunner]
@@ -139,6 +141,7 @@ class Engine:
         self._seq_ids = itertools.count(1)
         self._session_ids = itertools.count(FIRST_SESSION_ID)
         self._seeds = random.Random(config.seed)
+        self._num_expired_sessions = 0
 
     @classmethod
     @asynccontextmanager
@@ -184,9 +187,12 @@ class Engine:
                 core = ThreadCore() if use_threads else InLoopCore(nursery)
                 engine._core = core
                 await core.start(main)
+                expiry = trio.CancelScope()
+                nursery.start_soon(engine._expire_idle_sessions, expiry)
                 try:
                     yield engine
                 finally:
+                    expiry.cancel()
                     try:
                         core.call(engine._inbox_send.close)  # the Batcher ends, then the workers stop their ranks
                     except trio.RunFinishedError:
@@ -445,6 +451,8 @@ class Engine:
         self._check_accepting()
         session = self._sessions.get(turn.session_id)
         if session is None:
+            if len(self._sessions) >= self.config.max_sessions:
+                raise SessionLimitError(self.config.max_sessions)
             session = SessionActor(
                 turn.session_id,
                 tokenizer=self.tokenizer,
@@ -481,6 +489,24 @@ class Engine:
             if session_id not in self._sessions:
                 return session_id
 
+    async def _expire_idle_sessions(self, scope: trio.CancelScope) -> None:
+        """End every session idle for --session-idle-timeout (checked a few times per timeout; in the serving loop)."""
+        timeout_s = self.config.session_idle_timeout_s
+        if not timeout_s:
+            return
+        with scope:
+            while True:
+                await trio.sleep(min(timeout_s / 4, SESSION_EXPIRY_CHECK_S))
+                now = trio.current_time()
+                idle = [s for s in self._sessions.values() if not s.is_busy and now - s.last_active_s >= timeout_s]
+                for session in idle:  # `end` awaits the Batcher's inbox: a session may start a turn meanwhile
+                    if session.is_busy or self._sessions.get(session.session_id) is not session:
+                        continue
+                    log.info("session %d: idle for %.0f s, ended and its KV freed (--session-idle-timeout)",
+                             session.session_id, now - session.last_active_s)
+                    self._num_expired_sessions += 1
+                    await session.end()
+
     def _forget_session(self, session: SessionActor) -> None:
         if self._sessions.get(session.session_id) is session:
             del self._sessions[session.session_id]
@@ -496,11 +522,15 @@ class Engine:
         assert self._batcher is not None, "statistics() before the engine is ready"
         stats = self._batcher.statistics()
         sched = stats.scheduler
+        total = max(sched.blocks.num_total_blocks, 1)
+        idle_usage = self._batcher.num_idle_session_blocks() / total
         return EngineStats(
             num_running=sched.num_running,
             num_waiting=sched.num_waiting,
             num_sessions=len(self._sessions),
-            kv_usage=sched.blocks.usage,
+            kv_usage=max(sched.blocks.usage - idle_usage, 0.0),
+            session_kv_usage=idle_usage,
+            num_expired_sessions=self._num_expired_sessions,
             num_free_blocks=sched.blocks.num_free_blocks,
             num_total_blocks=sched.blocks.num_total_blocks,
             prompt_tokens_total=sched.num_prompt_tokens,

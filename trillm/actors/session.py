@@ -102,6 +102,7 @@ class SessionActor:
         self._stream: TurnStream | None = None
         self._is_busy = False
         self._is_ended = False
+        self.last_active_s = trio.current_time()  # the start or end of its latest turn (Engine's idle expiry)
 
     @property
     def is_busy(self) -> bool:
@@ -143,6 +144,7 @@ class SessionActor:
             keep_kv=interactive_mode,
         )
         self._is_busy = True  # from here until the finally below, a second turn is refused
+        self.last_active_s = trio.current_time()
         recorder: _RecordingStream | None = None
         try:
             # The Engine's admission check refuses a turn that leaves no room, with a hint to end the session.
@@ -157,6 +159,7 @@ class SessionActor:
         finally:
             self._stream = None
             self._is_busy = False
+            self.last_active_s = trio.current_time()
             if recorder is None and not self._is_ended:
                 pass  # refused at admission (e.g. too long): the session stays as it was
             elif self._is_ended or not interactive_mode:

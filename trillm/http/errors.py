@@ -19,6 +19,7 @@ from trillm.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     SessionBusyError,
+    SessionLimitError,
     TrillmError,
 )
 from trillm.http.schemas import ErrorDetail, ErrorResponse, encode
@@ -54,6 +55,8 @@ def describe_exception(exc: BaseException) -> tuple[int, ErrorDetail]:
             return 400, ErrorDetail(message=exc.message, type=INVALID_REQUEST, param=exc.param, code=exc.code)
         case ModelNotFoundError():
             return 404, ErrorDetail(message=str(exc), type=INVALID_REQUEST, param="model", code="model_not_found")
+        case SessionLimitError():
+            return 429, ErrorDetail(message=str(exc), type=INVALID_REQUEST, param="session_id", code="too_many_sessions")
         case SessionBusyError():
             return 409, ErrorDetail(message=str(exc), type=INVALID_REQUEST, param="session_id", code="session_busy")
         case EngineDrainingError():

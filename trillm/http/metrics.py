@@ -56,8 +56,13 @@ class _EngineCollector(Collector):
         running, waiting, kv_usage = stats.num_running, stats.num_waiting, stats.kv_usage
         yield gauge("trillm:num_requests_running", "Sequences in the running batch.", running)
         yield gauge("trillm:num_requests_waiting", "Sequences waiting for admission (queued).", waiting)
-        yield gauge("trillm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", kv_usage)
+        yield gauge("trillm:kv_cache_usage_perc", "Fraction of KV-cache blocks that running and waiting requests "
+                    "hold (0-1); idle sessions' parked KV is not counted (trillm:session_kv_usage_perc).", kv_usage)
+        yield gauge("trillm:session_kv_usage_perc", "Fraction of KV-cache blocks only idle interactive sessions hold "
+                    "(0-1): evicted first under memory pressure, so not load.", stats.session_kv_usage)
         yield gauge("trillm:num_sessions", "Interactive sessions held by the engine.", stats.num_sessions)
+        yield counter("trillm:expired_sessions", "Interactive sessions ended by --session-idle-timeout.",
+                      stats.num_expired_sessions)
         yield gauge("trillm:num_free_blocks", "Free KV-cache blocks.", stats.num_free_blocks)
         yield counter("trillm:prompt_tokens", "Prompt tokens of admitted sequences.", stats.prompt_tokens_total)
         yield counter("trillm:computed_prompt_tokens", "Prompt tokens actually prefilled (not reused from cache).",

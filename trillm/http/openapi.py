@@ -41,6 +41,7 @@ _ERRORS = {
     "404": "Unknown model",
     "409": "Session busy: a turn of this session is running",
     "413": "Request body too large",
+    "429": "Too many interactive sessions (--max-sessions)",
     "503": "Server draining or engine failed",
 }
 
@@ -80,7 +81,7 @@ _ROUTES = (
            summary="One turn of an LMDeploy interactive session; with stream=true newline-delimited JSON",
            request=schemas.InteractiveRequest, response=schemas.InteractiveResponse,
            media={"application/x-ndjson": "one InteractiveResponse per line; `text` is the delta"},
-           errors=("400", "401", "409", "413", "503"),
+           errors=("400", "401", "409", "413", "429", "503"),
            example={"prompt": "Hello!", "session_id": -1, "interactive_mode": True, "request_output_len": 32}),
     _Route(path="/v1/encode", method="post", operation_id="encode", summary="Tokenize text",
            request=schemas.EncodeRequest, response=schemas.EncodeResponse, errors=("400", "401", "413", "503"),

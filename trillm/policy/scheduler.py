@@ -248,6 +248,10 @@ class Scheduler:
             blocks=self.block_manager.statistics(),
         )
 
+    def num_idle_session_blocks(self) -> int:
+        """KV blocks only idle sessions' parked KV holds (evictable; callable from another thread, for gauges)."""
+        return self._parked.num_idle_blocks()
+
     def sequence(self, seq_id: int) -> Sequence | None:
         """A live sequence's state (tests and debugging)."""
         return self._seqs.get(seq_id)

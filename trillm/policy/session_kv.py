@@ -49,6 +49,7 @@ class ParkedSessions:
     def __init__(self, block_manager: BlockManager) -> None:
         self._blocks = block_manager
         self._parked: collections.OrderedDict[int, ParkedKV] = collections.OrderedDict()  # LRU first
+        self._refs: collections.Counter[int] = collections.Counter()  # block id -> parked references to it
         self.num_evicted = 0
 
     def __len__(self) -> int:
@@ -56,6 +57,26 @@ class ParkedSessions:
 
     def __contains__(self, session_id: int) -> bool:
         return session_id in self._parked
+
+    def num_idle_blocks(self) -> int:
+        """Blocks that only parked sessions hold: idle sessions' KV, evictable under pressure, not load.
+
+        Safe to call from another thread while the Scheduler runs (a gauge): the reference table is copied in one
+        C-level call, and a block whose count changes meanwhile is off by one for one scrape at most.
+        """
+        refs = list(self._refs.items())
+        return sum(1 for block_id, count in refs if self._blocks.ref_count(block_id) <= count)
+
+    def _hold(self, parked: ParkedKV) -> ParkedKV:
+        self._refs.update(parked.block_table)
+        return parked
+
+    def _drop(self, parked: ParkedKV) -> ParkedKV:
+        self._refs.subtract(parked.block_table)
+        for block_id in parked.block_table:
+            if self._refs[block_id] <= 0:
+                del self._refs[block_id]
+        return parked
 
     def block_tables(self) -> list[tuple[int, ...]]:
         """Every parked block table (each holds one reference per block): for accounting checks."""
@@ -69,7 +90,8 @@ class ParkedSessions:
         self.release(session_id)
         num_kept = blocks_for(len(token_ids), self._blocks.block_size)
         self._blocks.free(block_table[num_kept:])
-        self._parked[session_id] = ParkedKV(token_ids=tuple(token_ids), block_table=tuple(block_table[:num_kept]))
+        self._parked[session_id] = self._hold(
+            ParkedKV(token_ids=tuple(token_ids), block_table=tuple(block_table[:num_kept])))
 
     def claim(self, session_id: int, token_ids: Sequence[int]) -> ClaimedKV | None:
         """Take the session's parked KV for a sequence of `token_ids`: the reusable prefix, or None if none is parked.
@@ -79,6 +101,7 @@ class ParkedSessions:
         parked = self._parked.pop(session_id, None)
         if parked is None:
             return None
+        self._drop(parked)
         size = self._blocks.block_size
         limit = min(len(parked.token_ids), len(token_ids) - 1)
         num_reused = 0
@@ -93,15 +116,16 @@ class ParkedSessions:
 
     def unclaim(self, session_id: int, token_ids: Sequence[int], claimed: ClaimedKV) -> None:
         """Put back a claim whose sequence could not be admitted (its tokens' prefix still matches the claim)."""
-        self._parked[session_id] = ParkedKV(
+        self._parked[session_id] = self._hold(ParkedKV(
             token_ids=tuple(token_ids[: claimed.num_reused_tokens]), block_table=claimed.block_table
-        )
+        ))
 
     def evict_lru(self) -> bool:
         """Free the least recently parked session KV; False if none is parked."""
         if not self._parked:
             return False
         session_id, parked = self._parked.popitem(last=False)
+        self._drop(parked)
         log.debug("evicting the parked KV of session %d (%d blocks)", session_id, len(parked.block_table))
         self._blocks.free(parked.block_table)
         self.num_evicted += 1
@@ -111,4 +135,5 @@ class ParkedSessions:
         """Free the KV parked under `session_id`, if any."""
         parked = self._parked.pop(session_id, None)
         if parked is not None:
+            self._drop(parked)
             self._blocks.free(parked.block_table)

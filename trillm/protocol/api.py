@@ -177,7 +177,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     num_sessions: int
-    kv_usage: float  # 0-1: used blocks (running and parked sessions) / total
+    kv_usage: float  # 0-1: blocks running (and waiting) requests hold / total; idle sessions' KV is not load
     num_free_blocks: int
     num_total_blocks: int
     prompt_tokens_total: int
@@ -188,6 +188,8 @@ class EngineStats:
     prefix_cache_hit_tokens_total: int  # of those, found cached
     num_preemptions: int
     steps: int
+    session_kv_usage: float = 0.0  # 0-1: blocks only idle sessions' parked KV holds / total (evicted under pressure)
+    num_expired_sessions: int = 0  # sessions ended by --session-idle-timeout since start-up
 
 
 class TextCodec(Protocol):
