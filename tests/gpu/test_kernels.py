@@ -517,9 +517,12 @@ def test_write_kv_cache_writes_slots_and_skips_minus_one(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rotary_cache_write_rotates_views_in_place_and_fills_the_cache(dev: torch.device, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 2), (32, 8)])  # 32/8: each token split over 3 CTAs
+def test_rotary_cache_write_rotates_views_in_place_and_fills_the_cache(
+    dev: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int
+) -> None:
     gen = torch.Generator().manual_seed(99)
-    num_tokens, num_heads, num_kv_heads, head_dim, block_size, num_blocks = 6, 4, 2, 128, 16, 3
+    num_tokens, head_dim, block_size, num_blocks = 6, 128, 16, 3
     qkv = rand(gen, num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=dev)
     q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)  # views: token stride = qkv width
     k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)

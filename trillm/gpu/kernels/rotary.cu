@@ -8,7 +8,9 @@
 //   positions [num_tokens], slot_mapping [num_tokens]: int32 or int64 (flags); slot -1 writes nothing.
 //   cos_sin_cache [max_positions, rotary_dim] of C (float or T): cos in the first half, sin in the second.
 //   k_cache, v_cache [num_blocks, num_kv_heads, block_size, head_dim]; slot = block * block_size + offset.
-// Mapping: grid = (num_tokens), one CTA per token; block = 128 threads. Pass 1: one thread per (head, 8 rotary
+// Mapping: grid = (num_tokens, splits): `splits` CTAs per token share its work (more than one only for small
+// batches, where one CTA per token left a decode step's rotation latency-bound: 5 us at batch 1); block = 128
+// threads, unit u of a token handled by CTA u / 128 % splits. Pass 1: one thread per (head, 8 rotary
 // pairs): x1 = x[8j..8j+8), x2 = x[rot/2 + 8j..), 16-byte vectors (rotary_dim % 16 == 0); rotated q goes to
 // q_out, rotated k to k_out and to the cache. Pass 2: one thread per 16-byte vector of the pass-through dims
 // (head_dim > rotary_dim) of q (only when q_out != q_in), k (unrotated when rotate_k == 0) and v (cache only).
@@ -45,6 +47,7 @@ __global__ void __launch_bounds__(128)
                         const C* __restrict__ cos_sin_cache, int rotary_dim, int head_dim, int block_size,
                         int rotate_k, int write_cache) {
   const i64 token = blockIdx.x;
+  const int first_unit = blockIdx.y * blockDim.x + threadIdx.x, unit_stride = gridDim.y * blockDim.x;
   const int half = rotary_dim / 2;
   const int pair_vecs = half / 8;
   const i64 slot = write_cache ? load_index(slot_mapping, token, slot_is_int64) : -1;
@@ -56,7 +59,7 @@ __global__ void __launch_bounds__(128)
   const int rot_units = (num_heads + (rotate_k ? num_kv_heads : 0)) * pair_vecs;
   if (rot_units > 0) {
     const C* cs_row = cos_sin_cache + load_index(positions, token, pos_is_int64) * rotary_dim;
-    for (int u = threadIdx.x; u < rot_units; u += blockDim.x) {
+    for (int u = first_unit; u < rot_units; u += unit_stride) {
       const int head = u / pair_vecs, j = u % pair_vecs;
       const bool is_q = head < num_heads;
       const int h = is_q ? head : head - num_heads;
@@ -88,7 +91,7 @@ __global__ void __launch_bounds__(128)
   // Pass 2a: q pass-through dims, only when rotating out of place.
   const int pass_vecs = (head_dim - rotary_dim) / 8;
   if (q_out != q_in && pass_vecs > 0) {
-    for (int u = threadIdx.x; u < num_heads * pass_vecs; u += blockDim.x) {
+    for (int u = first_unit; u < num_heads * pass_vecs; u += unit_stride) {
       const int h = u / pass_vecs, d = rotary_dim + 8 * (u % pass_vecs);
       *reinterpret_cast<U4*>(q_out + token * q_out_stride + h * head_dim + d) =
           *reinterpret_cast<const U4*>(q_in + token * q_in_stride + h * head_dim + d);
@@ -100,7 +103,7 @@ __global__ void __launch_bounds__(128)
   if (slot < 0 && !copy_k) return;
   const int row_vecs = head_dim / 8;
   const int k_first_vec = rotate_k ? rotary_dim / 8 : 0;
-  for (int u = threadIdx.x; u < num_kv_heads * row_vecs; u += blockDim.x) {
+  for (int u = first_unit; u < num_kv_heads * row_vecs; u += unit_stride) {
     const int h = u / row_vecs, vec = u % row_vecs;
     T* cache_off = slot >= 0 ? k_cache + cache_base + h * cache_head_stride + 8 * vec : nullptr;
     if (vec >= k_first_vec) {

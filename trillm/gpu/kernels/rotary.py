@@ -7,6 +7,7 @@ Runs outside the event loop (inside the rank process). Same names and signatures
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -51,6 +52,9 @@ def _check_cos_sin(cos_sin_cache: torch.Tensor, x: torch.Tensor) -> tuple[str, i
     return ctype, rotary_dim
 
 
+ROTARY_TARGET_CTAS = 256  # small batches split each token's work over CTAs until about this many run
+
+
 def _rotary_launch(
     *,
     device: torch.device,
@@ -91,7 +95,9 @@ def _rotary_launch(
         i32(int(rotate_k)), i32(int(k_cache is not None)),
     )  # fmt: skip
     name = f"rotary_cache_kernel<{ELEMENT_TYPES[dtype]}, {cos_sin_type}>"
-    get_backend().launch("rotary", name, (num_tokens, 1, 1), (128, 1, 1), 0, args, device)
+    units = max((num_heads + (num_kv_heads if rotate_k else 0)) * (rotary_dim // 16), num_kv_heads * head_dim // 8)
+    splits = max(1, min(math.ceil(units / 128), math.ceil(ROTARY_TARGET_CTAS / num_tokens)))
+    get_backend().launch("rotary", name, (num_tokens, splits, 1), (128, 1, 1), 0, args, device)
 
 
 def apply_rotary(
