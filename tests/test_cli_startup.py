@@ -40,7 +40,8 @@ def test_a_free_port_passes() -> None:
         again.bind(("127.0.0.1", port))
 
 
-def test_hypercorn_lines_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_hypercorn_lines_are_logged_once(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger("hypercorn.error"), "handlers", [])  # other tests' servers added theirs
     settings = hypercorn_settings(ServerConfig())
     with caplog.at_level(logging.INFO):
         hypercorn_logger = hypercorn.logging.Logger(settings)
