@@ -232,7 +232,7 @@ async def _wait_for_shutdown(state: Any, grace_s: float) -> None:
                      signal.Signals(signum).name, grace_s)
             break
         state.drain()
-        with trio.move_on_after(grace_s):
+        with trio.move_on_after(grace_s) as waiting:
             async with trio.open_nursery() as nursery:
 
                 async def stop_on_second_signal() -> None:
@@ -243,6 +243,9 @@ async def _wait_for_shutdown(state: Any, grace_s: float) -> None:
                 nursery.start_soon(stop_on_second_signal)
                 await state.wait_idle()
                 nursery.cancel_scope.cancel()
+        if waiting.cancelled_caught or state.num_in_flight:  # the deadline, or a second signal
+            await state.end_in_flight(f"The server is shutting down: its drain deadline of {grace_s:g} s "
+                                      "(--graceful-timeout) passed before this request finished")
     log.info("shutting down")
 
 

@@ -157,8 +157,10 @@ async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> A
             yield reply.chunk([], usage=totals.usage(reply.num_prompt_tokens, reply.n))
         yield SSE_DONE
         is_delivered = True
-    except Exception as exc:  # the engine failed mid-stream: the status is sent already, report in-band
+    except Exception as exc:  # the engine failed, or the drain deadline: the status is sent already, report in-band
         _, detail = describe_exception(exc)
+        for i in (i for i, reason in enumerate(totals.finish_reasons) if reason is None):
+            yield reply.chunk([CompletionChoice(index=i, text="", finish_reason="abort")])
         yield sse_error(detail)
         yield SSE_DONE
         is_delivered = True

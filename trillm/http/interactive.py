@@ -111,9 +111,11 @@ async def chat_interactive() -> Response:
 
 async def _lines(stream: ChoiceStream, session_id: int, trace: RequestTrace) -> AsyncGenerator[bytes, None]:
     is_delivered = False  # False in `finally`: the client left mid-stream
+    tokens = 0
     try:
         yield b""  # sentinel (framing.primed)
         async for _, output in stream:
+            tokens = output.num_output_tokens
             trace.on_tokens(len(output.token_ids))
             finish = output.finish_reason.value if output.finish_reason is not None else None
             if not output.text and finish is None:
@@ -122,8 +124,9 @@ async def _lines(stream: ChoiceStream, session_id: int, trace: RequestTrace) -> 
                                       input_tokens=_input_tokens(output), history_tokens=output.num_history_tokens,
                                       finish_reason=finish))
         is_delivered = True
-    except Exception as exc:  # the engine failed mid-turn: the status is sent already, report in-band
+    except Exception as exc:  # the engine failed, or the drain deadline: the status is sent already, report in-band
         _, detail = describe_exception(exc)
+        yield ndjson_line(_answer(session_id, tokens=tokens, finish_reason="abort"))
         yield ndjson_line(ErrorResponse(error=detail))
         is_delivered = True
     finally:

@@ -8,6 +8,7 @@ app's nursery down with it: the failure is recorded, /health turns 503 and every
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import cast
 
 import trio
@@ -25,6 +26,8 @@ from trillm.protocol.api import EngineClient, EngineStats
 
 log = logging.getLogger(__name__)
 
+END_FLUSH_S = 2.0  # how long ended requests get to send their last events at the drain deadline
+
 
 class ServerState:
     """Per-app server state; views reach it with `current_state()`."""
@@ -35,6 +38,7 @@ class ServerState:
         self.is_engine_owned = engine is None
         self.failure: str | None = None  # why the Engine context ended while serving (a detail for error bodies)
         self.num_in_flight = 0
+        self._streams: set[ChoiceStream] = set()  # every open request's stream (the drain deadline ends them)
         self._idle = trio.Event()
         self._idle.set()
         self._closing = trio.Event()
@@ -124,11 +128,13 @@ class ServerState:
         app = cast(QuartTrio, current_app)
         stream = await ChoiceStream.open(app.nursery, sources)
         self.num_in_flight += 1
+        self._streams.add(stream)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
-        stream.on_close = self._request_done
+        stream.on_close = partial(self._request_done, stream)
         return stream
 
-    def _request_done(self) -> None:
+    def _request_done(self, stream: ChoiceStream) -> None:
+        self._streams.discard(stream)
         self.num_in_flight -= 1
         if self.num_in_flight == 0:
             self._idle.set()
@@ -154,6 +160,22 @@ class ServerState:
     async def wait_idle(self) -> None:
         """Return once no request is in flight."""
         await self._idle.wait()
+
+    async def end_in_flight(self, reason: str, *, flush_s: float = END_FLUSH_S) -> int:
+        """The drain deadline: end every request still in flight, then give their answers `flush_s` to go out.
+
+        Their sequences are aborted; a streamed response ends with finish_reason `abort` for each unfinished choice,
+        an error event (503 `server_draining`) and `[DONE]`; a non-streamed one is answered with that 503 body.
+        Returns how many requests were ended.
+        """
+        streams = list(self._streams)
+        if streams:
+            log.warning("drain deadline: ending %d request(s) still in flight", len(streams))
+        for stream in streams:
+            stream.fail(EngineDrainingError(reason))
+        with trio.move_on_after(flush_s):
+            await self.wait_idle()
+        return len(streams)
 
 
 def current_state() -> ServerState:

@@ -40,6 +40,7 @@ class ChoiceStream:
         self._send, self._receive = trio.open_memory_channel[Item | BaseException](0)
         self._scopes: list[trio.CancelScope] = []
         self._is_closed = False
+        self._failure: BaseException | None = None  # set by `fail`: raised to the consumer once the pumps stop
         self.on_close: Callable[[], None] | None = None
 
     @classmethod
@@ -98,6 +99,8 @@ class ChoiceStream:
             item = await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             self.close()
+            if self._failure is not None:
+                raise self._failure from None
             raise StopAsyncIteration from None
         if isinstance(item, BaseException):
             self.close()
@@ -110,6 +113,15 @@ class ChoiceStream:
             return [item async for item in self]
         finally:
             self.close()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the stream early with `exc` (the drain deadline): the pumps abort their sequences, and the consumer
+        gets `exc` once they have stopped, instead of the rest of the outputs. Synchronous; no-op once closed."""
+        if self._is_closed or self._failure is not None:
+            return
+        self._failure = exc
+        for scope in self._scopes:
+            scope.cancel()
 
     def close(self) -> None:
         """Cancel the pumps (aborting their sequences) and stop receiving. Idempotent and synchronous."""
