@@ -179,9 +179,9 @@ def paged_decode_attention(
     if q.dtype != torch.float32:
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     block_size = k_cache.shape[2]
-    lens = context_lens.long()
+    lens = context_lens
     max_len = int(lens.max())
-    tables = block_tables[:, : -(-max_len // block_size)].long()  # [num_seqs, max_blocks]
+    tables = block_tables[:, : -(-max_len // block_size)]  # [num_seqs, max_blocks]; index_select takes int32
     keys = _gather_pages(k_cache, tables)[:, :, :max_len]  # [num_seqs, num_kv_heads, max_len, head_dim]
     values = _gather_pages(v_cache, tables)[:, :, :max_len]
     mask = None
@@ -213,7 +213,7 @@ def paged_prefill_attention(
         q_len = end - start
         if q_len == 0:
             continue
-        table = block_tables[s : s + 1, : -(-context_len // block_size)].long()  # [1, num_blocks]
+        table = block_tables[s : s + 1, : -(-context_len // block_size)]  # [1, num_blocks]
         keys = _gather_pages(k_cache, table)[:, :, :context_len]  # [1, num_kv_heads, context_len, head_dim]
         values = _gather_pages(v_cache, table)[:, :, :context_len]
         qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, num_heads, q_len, head_dim]
