@@ -95,8 +95,12 @@ def fresh_prefill_attention(
     """
     if q.device.type != "cuda" or not 0 < len(lens) <= FRESH_MAX_SEQS:
         return None
-    out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
+    if len(lens) == 1:  # one prompt: SDPA's output, viewed back as [tokens, heads, head_dim] without a copy
+        q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        whole: torch.Tensor = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale, enable_gqa=gqa)
+        return whole[0].transpose(0, 1)
+    out = torch.empty_like(q)
     start = 0
     for length in lens:
         rows = slice(start, start + length)
