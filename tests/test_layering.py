@@ -18,7 +18,9 @@ The diagram the tree must be: http → actors → protocol ← gpu; policy pure 
 | compute-below       | gpu/, models/      | anything but trio, quart, quart_trio, hypercorn, cattrs, http/, actors/,  |
 |                     |                    | policy/                                                                   |
 | http-above          | http/              | anything but torch, cupy, gpu/, models/, policy/, and actors/ other than  |
-|                     |                    | engine (which only state.py opens)                                        |
+|                     |                    | engine (which only state.py opens); of structured/ only grammar.py        |
+| grammar-is-light    | structured/        | grammar.py: stdlib, llguidance (the HTTP layer builds grammars with it);  |
+|                     | grammar.py         | the rest of structured/ (rank-side matchers) as gpu/                      |
 
 `test_no_package_cycles` checks the graph of trillm's subpackages has no cycle (the old actors ⇄ gpu one is gone).
 """
@@ -47,11 +49,15 @@ ALLOWED: dict[str, set[str]] = {
     "policy/": {STDLIB, "attrs", "trillm.protocol", "trillm.policy", "trillm.config"},
     "actors/engine.py": ACTOR_IMPORTS | {"trillm.models.loader"},
     "actors/": ACTOR_IMPORTS,
+    "structured/grammar.py": {STDLIB, "llguidance"},
+    "structured/__init__.py": {STDLIB},
 }
 FORBIDDEN: dict[str, set[str]] = {
     "gpu/": {"trio", "quart", "quart_trio", "hypercorn", "cattrs", "trillm.http", "trillm.actors", "trillm.policy"},
     "models/": {"trio", "quart", "quart_trio", "hypercorn", "cattrs", "trillm.http", "trillm.actors", "trillm.policy"},
-    "http/": {"torch", "cupy", "trillm.gpu", "trillm.models", "trillm.policy"},
+    "http/": {"torch", "cupy", "trillm.gpu", "trillm.models", "trillm.policy", "trillm.structured.matchers"},
+    "structured/": {"trio", "quart", "quart_trio", "hypercorn", "cattrs", "trillm.http", "trillm.actors",
+                    "trillm.policy", "trillm.gpu", "trillm.models"},
 }
 HTTP_ACTOR_MODULES = ("trillm.actors.engine",)
 
@@ -220,6 +226,10 @@ def test_the_rules_flag_what_the_table_forbids() -> None:
         "trio",
     ]
     assert violations("gpu/rank.py", {"trillm.policy.scheduler"}) == ["trillm.policy.scheduler"]
+    # structured: the HTTP layer may build grammars, never load the rank's matchers (torch)
+    assert violations("http/chat.py", {"trillm.structured.grammar", "trillm.structured.matchers"}) == [
+        "trillm.structured.matchers"]
+    assert violations("structured/grammar.py", {"llguidance", "torch"}) == ["torch"]
     # http never imports gpu or actors beyond the engine
     assert violations("http/app.py", {"torch", "trillm.actors.engine", "trillm.actors.batcher"}) == [
         "torch",

@@ -111,6 +111,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
                              "never logged at INFO)")
     server.add_argument("--disable-docs", action="store_true", default=None,
                         help="do not serve the Swagger UI (/) and the OpenAPI document (/openapi.json)")
+    server.add_argument("--disable-access-log", action="store_true", default=None,
+                        help="do not log a line per request (method, path, status, duration, request id, tokens)")
     server.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default 16 MiB)")
     server.add_argument("--graceful-timeout", type=float, dest="graceful_timeout_s",
                         help="seconds requests in flight may take to finish on shutdown (default 30)")

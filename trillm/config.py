@@ -115,6 +115,7 @@ class ServerConfig:
     )
     max_log_len: int | None = None
     disable_docs: bool = False
+    disable_access_log: bool = False  # one INFO line per request (http/access_log.py) unless set
     max_body_bytes: int = attrs.field(default=16 << 20, validator=_positive)
     graceful_timeout_s: float = 30.0
     backlog: int = attrs.field(default=4096, validator=_positive)  # listen queue; the kernel caps it at somaxconn

@@ -296,8 +296,9 @@ class Tokenizer:
 
     # ---------------------------------------------------------------------------------------------- chat template
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text of a conversation, rendered with the chat template.
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text of a conversation, rendered with the chat template (`tools`: OpenAI tool definitions).
 
         Raises:
             InvalidRequestError: (param "messages") bad messages, no chat template, or the template rejected them.
@@ -321,6 +322,7 @@ class Tokenizer:
         try:
             rendered = render(
                 conversations=[normalized],
+                tools=tools,
                 chat_template=self.chat_template,
                 add_generation_prompt=add_generation_prompt,
                 **self._special_tokens,
@@ -329,13 +331,13 @@ class Tokenizer:
             raise InvalidRequestError(f"the chat template rejected the messages: {error}", param="messages") from error
         return str(rendered[0][0])  # ([one text per conversation], generation indices)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of the rendered conversation with the generation prompt; BOS only where the template writes it.
 
         Raises:
             InvalidRequestError: as render_chat.
         """
-        return self.encode(self.render_chat(messages, add_generation_prompt=True), add_bos=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt=True, tools=tools), add_bos=False)
 
     def render_session_turn(
         self, history: list[dict[str, Any]], new_messages: list[dict[str, Any]], *, last_output_ids: Sequence[int]

@@ -76,13 +76,14 @@ class FakeTokenizer:
                 out.extend(SPECIALS[token_id].encode())
         return out.decode(errors="replace")
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
         if any(m["role"] not in ("system", "developer", "user", "assistant", "tool", "function") for m in messages):
             raise InvalidRequestError("bad role", param="messages")
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> list[int]:
         return self.encode(self.render_chat(messages))
 
     def render_session_turn(self, history: list[dict[str, Any]], new_messages: list[dict[str, Any]], *,

@@ -8,7 +8,8 @@ event loop (to read `engine.statistics()` or flip the engine's state without rac
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -38,7 +39,7 @@ class LiveServer:
     def state(self) -> Any:
         return self.app.extensions["trillm"]
 
-    def start(self, timeout_s: float = 120.0) -> LiveServer:
+    def start(self, timeout_s: float = 300.0) -> LiveServer:
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise TimeoutError("live server did not start")
@@ -59,6 +60,7 @@ class LiveServer:
         config = hypercorn.config.Config()
         config.bind = ["127.0.0.1:0"]
         config.graceful_timeout = 2.0
+        config.startup_timeout = 300.0  # a real engine loads its model at startup: slow on a busy CPU machine
         config.accesslog = None
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(hypercorn.trio.serve, self.app, config,
@@ -86,3 +88,16 @@ class LiveServer:
 
 def server_config(**fields: Any) -> ServerConfig:
     return ServerConfig(engine=EngineConfig(), server_name="127.0.0.1", server_port=1, **fields)
+
+
+@contextmanager
+def engine_server(model: str, **engine_fields: Any) -> Iterator[LiveServer]:
+    """A live server over a real Engine of `model` (model id "smol"), stopped on exit."""
+    from trillm.http.app import create_app
+
+    engine = EngineConfig(model=model, model_name="smol", **engine_fields)
+    live = LiveServer(create_app(ServerConfig(engine=engine, server_name="127.0.0.1", server_port=1))).start()
+    try:
+        yield live
+    finally:
+        live.stop()

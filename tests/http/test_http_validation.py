@@ -25,7 +25,7 @@ def test_chat_request_with_string_and_part_content_parses() -> None:
     request = parse(ChatCompletionRequest, {
         "model": "m", "messages": [{"role": "system", "content": "be brief"},
                                    {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        "temperature": 0, "stop": "x", "tools": [{"type": "function"}],  # tools: unknown field, ignored
+        "temperature": 0, "stop": "x", "prediction": {"type": "content"},  # an unknown field: ignored
     })
     assert isinstance(request, ChatCompletionRequest)
     assert request.temperature == 0.0 and isinstance(request.temperature, float)

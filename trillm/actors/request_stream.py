@@ -125,7 +125,8 @@ class RequestStream:
             return event
         token_ids = tuple(token_id for e in merged for token_id in e.token_ids)
         logprobs = tuple(entry for e in merged for entry in e.logprobs)
-        return attrs.evolve(merged[-1], token_ids=token_ids, logprobs=logprobs)
+        return attrs.evolve(merged[-1], token_ids=token_ids, logprobs=logprobs,
+                            prompt_logprobs=merged[0].prompt_logprobs)  # only a first event carries them
 
     def _on_event(self, event: TokenEvent) -> CompletionOutput | None:
         choice = self._choices.get(event.seq_id)
@@ -152,4 +153,5 @@ class RequestStream:
             num_output_tokens=choice.num_output_tokens,
             num_cached_tokens=event.num_cached_tokens,
             num_history_tokens=self._num_history_tokens,
+            prompt_logprobs=event.prompt_logprobs,
         )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,11 +35,13 @@ from trillm.gpu.comm import Communicator, open_communicator
 from trillm.gpu.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from trillm.gpu.kv_cache import allocate_kv_cache
 from trillm.gpu.model_builder import DTYPES, build_model, read_model_args, select_ops
+from trillm.gpu.prompt_logprobs import score_prompts
 from trillm.gpu.sampling import sample
+from trillm.structured.matchers import GrammarMatchers
 from trillm.models.layers import AttnMeta
 from trillm.models.presets import RANDOM_PREFIX
 from trillm.protocol.api import SamplingParams
-from trillm.protocol.step import SampleSpec, SampledToken, SeqStep, StepPlan, StepResult
+from trillm.protocol.step import PromptLogprobs, SampleSpec, SampledToken, SeqStep, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,9 @@ class ModelRunner:
             device=self.device,
         )
         self._graphs: DecodeGraphs | None = None
+        tokenizer_file = Path(config.model_path) / "tokenizer.json"
+        self.grammars = None if is_random or not tokenizer_file.is_file() else GrammarMatchers(
+            tokenizer_file, vocab_size=self.args.vocab_size, device=self.device)  # constrained decoding
         if self.device.type == "cuda":
             self._prepare_cuda()
         self._warm_up()
@@ -181,11 +187,15 @@ class ModelRunner:
 
         Every rank computes them: each must know the sampled tokens to substitute `PREVIOUS_TOKEN` (module docstring).
         """
+        return self._sampled_logits(inputs, self._forward_hidden(inputs))
+
+    def _forward_hidden(self, inputs: StepInputs) -> torch.Tensor:  # [num_tokens or graph_rows, hidden]
         if inputs.graph_rows:
             assert self._graphs is not None
-            hidden = self._graphs.replay(inputs.graph_rows)  # [graph_rows, hidden]
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # [num_tokens, hidden]
+            return self._graphs.replay(inputs.graph_rows)
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # type: ignore[no-any-return]
+
+    def _sampled_logits(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor | None:
         if not inputs.specs:
             return None
         if inputs.sample_rows is None:
@@ -200,17 +210,29 @@ class ModelRunner:
         start = time.perf_counter()
         self.inputs.forget_absent_sequences(plan)
         inputs = self.prepare(plan)
-        logits = self.forward_logits(inputs)
+        hidden = self._forward_hidden(inputs)
+        grammar_mask = None
+        if self.grammars is not None:  # host work while the device runs the forward (structured/matchers.py)
+            self.grammars.forget_absent(plan)
+            grammar_mask = self.grammars.fill(inputs.sample_seq_ids, inputs.specs)
+        scored: tuple[PromptLogprobs, ...] = ()
+        if self.rank == 0 and any(seq.prompt_logprobs is not None for seq in plan.seqs):
+            scored = score_prompts(plan, hidden, self.model.compute_logits)
+        logits = self._sampled_logits(inputs, hidden)
         sampled: tuple[SampledToken, ...] = ()
         if logits is not None:
-            drawn = sample(logits, inputs.specs)
+            drawn = sample(logits, inputs.specs, grammar_mask)
+            if grammar_mask is not None:
+                assert self.grammars is not None
+                self.grammars.commit(inputs.sample_seq_ids, inputs.specs, [token_id for token_id, _ in drawn])
             self.inputs.remember_sampled(inputs.sample_seq_ids, drawn)
             if self.rank == 0:
                 sampled = tuple(
                     SampledToken(seq_id=seq_id, token_id=token_id, logprob=logprob)
                     for seq_id, (token_id, logprob) in zip(inputs.sample_seq_ids, drawn, strict=True)
                 )
-        return StepResult(step_id=plan.step_id, sampled=sampled, elapsed_s=time.perf_counter() - start)
+        return StepResult(step_id=plan.step_id, sampled=sampled, elapsed_s=time.perf_counter() - start,
+                          prompt_logprobs=scored)
 
     def close(self) -> None:
         """Drop the graphs, model and caches and leave the tensor-parallel group."""

@@ -10,6 +10,9 @@ Runs in the rank process (outside the event loop). The order of operations, per 
 4. Stop masking: while `output_index < min_tokens` the EOS ids and `stop_token_ids` get -inf. With `ignore_eos` the
    EOS ids are masked at every step, so such a sequence always generates real text up to its token budget (the
    Batcher never sees an EOS to ignore); `stop_token_ids` still apply after `min_tokens`.
+4b. Grammar masks (constrained decoding, `trillm/structured/`): tokens a row's grammar does not allow get -inf. The
+   masks arrive as bits on the device (computed by the rank while the forward ran), so this is one unpack and one
+   masked fill over the constrained rows, with no host sync.
 5. Logprobs are the log-softmax of these processed logits, BEFORE temperature and the top-k / top-p / min-p filters:
    they describe the model as penalised for this request, independent of how adventurously it is sampled (a token
    outside the top-p set still gets a finite logprob, and temperature does not reshape the reported distribution).
@@ -54,8 +57,12 @@ _TINY = 1e-30  # floor of the exponential noise, so -log(E) stays finite
 def sample(
     logits: torch.Tensor,  # [num_seqs, vocab] float32 (any device)
     specs: Sequence[SampleSpec],
+    grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None,  # (rows [g] int64, bits [g, words] int32)
 ) -> list[tuple[int, TokenLogprob | None]]:
-    """Sample one token per row (outside the event loop): returns (token id, logprobs or None) in row order."""
+    """Sample one token per row (outside the event loop): returns (token id, logprobs or None) in row order.
+
+    `grammar_mask` (from `GrammarMatchers.fill`) restricts the listed rows to the tokens whose bit is set.
+    """
     num_seqs, vocab_size = logits.shape
     assert num_seqs == len(specs), f"{num_seqs} logit rows for {len(specs)} specs"
     if num_seqs == 0:
@@ -64,6 +71,8 @@ def sample(
     _apply_logit_bias(logits, specs)
     _apply_penalties(logits, specs)
     _mask_stop_tokens(logits, specs)
+    if grammar_mask is not None:
+        apply_token_bitmask(logits, *grammar_mask)
 
     token_ids = logits.argmax(dim=-1)  # [num_seqs]; the answer for greedy rows
     random_rows = [i for i, spec in enumerate(specs) if not spec.sampling.is_greedy]
@@ -170,6 +179,32 @@ def _mask_stop_tokens(logits: torch.Tensor, specs: Sequence[SampleSpec]) -> None
         device = logits.device
         index = (_on_device(rows, torch.int64, device), _on_device(cols, torch.int64, device))
         logits.index_put_(index, torch.full((len(rows),), float("-inf"), dtype=logits.dtype, device=device))
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,  # [num_seqs, vocab], modified in place
+    rows: torch.Tensor,  # [g] int64: the constrained rows
+    bitmask: torch.Tensor,  # [g, ceil(vocab / 32)] int32: bit j of word w allows token 32 * w + j
+) -> None:
+    """Set the logits of tokens a row's grammar forbids to -inf (on the logits' device, no host sync).
+
+    The words are read as little-endian bytes and each byte looks up its 8 bits in a 256-row table: a third of
+    the time of shifting every int32 word 32 ways on the CPU.
+    """
+    num_rows, vocab_size = rows.shape[0], logits.shape[1]
+    table = _BIT_TABLES.get(logits.device)
+    if table is None:
+        table = _BIT_TABLES[logits.device] = (
+            (torch.arange(256, device=logits.device).unsqueeze(-1) >> torch.arange(8, device=logits.device)) & 1
+        ).bool()  # [256, 8]: bit b of byte value v, least significant first
+    allowed = table[bitmask.view(torch.uint8).long()].view(num_rows, -1)[:, :vocab_size]  # [g, vocab]
+    if num_rows == logits.shape[0]:  # every row constrained (`rows` is then 0..g-1, in order): no gather/scatter
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))
+
+
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}  # per device: the constant byte → bits table
 
 
 def _draw(

@@ -25,7 +25,7 @@ from quart_trio import QuartTrio
 
 from trillm.config import ServerConfig, server_config_from_env
 from trillm.errors import EngineDeadError, EngineDrainingError
-from trillm.http import chat, completions, interactive
+from trillm.http import access_log, chat, completions, interactive
 from trillm.http.errors import AUTHENTICATION, error_response, exception_response, register_error_handlers
 from trillm.http.metrics import CONTENT_TYPE
 from trillm.http.openapi import register_docs
@@ -59,6 +59,8 @@ def create_app(config: ServerConfig, engine: Any | None = None) -> QuartTrio:
     app.add_url_rule("/v1/encode", view_func=_encode, methods=["POST"])
     app.add_url_rule("/health", view_func=_health, methods=["GET"])
     app.add_url_rule("/metrics", view_func=_metrics, methods=["GET"])
+    if not config.disable_access_log:
+        app.before_request(access_log.begin)
     app.before_request(_guard)
     app.after_request(_finish)
 
@@ -140,6 +142,7 @@ async def _finish(response: Response) -> Response:
             response.headers["Access-Control-Allow-Credentials"] = "true"
     rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
     state.metrics.count_request(rule, response.status_code)
+    access_log.finish(response)
     return response
 
 

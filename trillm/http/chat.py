@@ -29,12 +29,13 @@ from trillm.http.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatResponseMessage,
     DeltaMessage,
     Usage,
     encode,
 )
 from trillm.http.state import current_state
+from trillm.http.structured import request_grammar
+from trillm.http.tools import ToolCallStream, ToolPlan, stream_delta, tool_message, tool_plan
 from trillm.http.streams import ChoiceStream
 from trillm.http.validation import parse_body
 
@@ -54,6 +55,7 @@ class _Reply:
     num_prompt_tokens: int
     num_top_logprobs: int | None  # None: no logprobs asked
     tokenizer: Any
+    tools: ToolPlan | None  # tool calls parsed out of the answers (http/tools.py)
     trace: RequestTrace
 
 
@@ -75,10 +77,14 @@ async def chat_completions() -> Response:
     num_top = (body.top_logprobs or 0) if body.logprobs else None
     sampling = sampling_params(body, tokenizer.generation_defaults, tokenizer.vocab_size, max_tokens=max_tokens,
                                logprobs=num_top)
+    tools = tool_plan(body, tokenizer)
+    grammar = tools.grammar if tools is not None and tools.grammar is not None else request_grammar(body)
+    sampling = attrs.evolve(sampling, grammar=grammar)
     request_id = f"chatcmpl-{secrets.token_hex(12)}"
     reply = _Reply(id=request_id, created=int(time.time()), model=engine.model_name,
                    n=body.n, num_prompt_tokens=len(prompt_ids), num_top_logprobs=num_top, tokenizer=tokenizer,
-                   trace=state.metrics.trace("chat", request_id))
+                   tools=tools, trace=state.metrics.trace("chat", request_id))
+    reply.trace.num_prompt_tokens = reply.num_prompt_tokens  # for the access log
     generate = generate_request(body, request_id=reply.id, prompt_ids=prompt_ids, sampling=sampling,
                                 prompt_field="messages")
     log.info("%s chat: %d prompt tokens, n=%d, stream=%s, %s", reply.id, len(prompt_ids), body.n, body.stream,
@@ -96,11 +102,12 @@ async def chat_completions() -> Response:
         choices=[
             ChatChoice(
                 index=i,
-                message=ChatResponseMessage(content=totals.text(i)),
+                message=message,
                 logprobs=None if num_top is None else chat_logprobs(tokenizer, totals.logprobs[i], num_top),
-                finish_reason=totals.finish_reasons[i],  # type: ignore[arg-type]
+                finish_reason=finish_reason,  # type: ignore[arg-type]
             )
             for i in range(body.n)
+            for message, finish_reason in [tool_message(tools, totals.text(i), totals.finish_reasons[i])]
         ],
     )
     return Response(encode(answer), content_type="application/json")
@@ -108,6 +115,7 @@ async def chat_completions() -> Response:
 
 async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> AsyncGenerator[bytes, None]:
     totals = ChoiceTotals(reply.n)
+    calls = [ToolCallStream(reply.tools.call_format) for _ in range(reply.n)] if reply.tools else None
     is_delivered = False  # False in `finally`: the client left mid-stream (the generator was cancelled)
     try:
         yield b""  # sentinel (framing.primed)
@@ -122,7 +130,10 @@ async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> A
             if reply.num_top_logprobs is not None:
                 logprobs = chat_logprobs(reply.tokenizer, output.logprobs, reply.num_top_logprobs)
             finish = output.finish_reason.value if output.finish_reason is not None else None
-            yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=output.text),
+            delta = DeltaMessage(content=output.text)
+            if calls is not None and reply.tools is not None and reply.tools.is_parsed:
+                delta, finish = stream_delta(calls[index], output.text, finish)
+            yield reply.chunk([ChatChunkChoice(index=index, delta=delta,
                                                logprobs=logprobs, finish_reason=finish)])  # type: ignore[arg-type]
         if include_usage:
             yield reply.chunk([], usage=totals.usage(reply.num_prompt_tokens, reply.n))

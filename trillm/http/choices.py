@@ -42,6 +42,7 @@ class ChoiceTotals:
         self.finish_reasons: list[str | None] = [None] * num_choices
         self.num_prompt_tokens = [0] * num_choices
         self.num_cached_tokens = [0] * num_choices
+        self.prompt_logprobs: list[tuple[TokenLogprob, ...] | None] = [None] * num_choices  # echo with logprobs
 
     def add(self, index: int, output: CompletionOutput) -> None:
         self.texts[index].append(output.text)
@@ -49,6 +50,8 @@ class ChoiceTotals:
         self.num_prompt_tokens[index] = output.num_prompt_tokens
         self.num_cached_tokens[index] = output.num_cached_tokens
         self.logprobs[index].extend(output.logprobs)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs[index] = output.prompt_logprobs
         if output.finish_reason is not None:
             self.finish_reasons[index] = output.finish_reason.value
 

@@ -2,7 +2,8 @@
 
 A list of prompts gives one Engine request per prompt and `len(prompts) * n` choices (choice index = prompt index
 * n + i), all admitted before the response starts. `echo` prepends the prompt text (decoded for token-id prompts).
-`max_tokens: 0` answers at once with finish_reason `length` and no engine work.
+`max_tokens: 0` answers at once with finish_reason `length` and no engine work, unless `echo` with `logprobs` asks
+for the prompt's logprobs (`echo.py`: a prefill whose one sampled token is dropped).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 import attrs
 from quart import Blueprint, Response, request
 
-from trillm.protocol.api import CompletionOutput, FinishReason
+from trillm.protocol.api import CompletionOutput, FinishReason, TokenLogprob
 from trillm.http.choices import ChoiceTotals, collect_totals, completion_logprobs
+from trillm.http.echo import joined, prompt_logprobs_layout, prompt_only
 from trillm.http.errors import describe_exception
 from trillm.http.framing import SSE_DONE, sse_error, sse_event, streaming_response
 from trillm.http.metrics import RequestTrace
@@ -31,8 +33,16 @@ from trillm.http.prompts import (
     prompt_size,
     sampling_params,
 )
-from trillm.http.schemas import CompletionChoice, CompletionRequest, CompletionResponse, Usage, encode
+from trillm.http.schemas import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    encode,
+)
 from trillm.http.state import current_state
+from trillm.http.structured import request_grammar
 from trillm.http.streams import ChoiceStream, OutputSource
 from trillm.http.validation import parse_body
 
@@ -52,9 +62,19 @@ class _Reply:
     num_prompt_tokens: int
     num_top_logprobs: int | None
     echo_texts: list[str]  # per choice: the text to prepend ("" without echo)
+    prompt_ids: list[tuple[int, ...]]  # per prompt (choice // n)
+    has_prompt_logprobs: bool  # echo with logprobs: the prompt's logprobs lead each choice's (echo.py)
     tokenizer: Any
     trace: RequestTrace
 
+
+    def prompt_logprobs(self, index: int, entries: tuple[TokenLogprob, ...] | None) -> CompletionLogprobs | None:
+        """Choice `index`'s prompt in the legacy logprobs layout (None unless echo with logprobs)."""
+        if entries is None or self.num_top_logprobs is None:
+            return None
+        layout, _ = prompt_logprobs_layout(self.tokenizer, self.prompt_ids[index // self.n], entries,
+                                           self.num_top_logprobs)
+        return layout
 
     def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         return sse_event(CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
@@ -98,21 +118,29 @@ async def completions() -> Response:
                                     ("max_tokens", body.max_tokens))
     sampling = sampling_params(body, tokenizer.generation_defaults, tokenizer.vocab_size, max_tokens=max_tokens,
                                logprobs=body.logprobs)
+    has_prompt_logprobs = body.echo and body.logprobs is not None
+    sampling = attrs.evolve(sampling, grammar=request_grammar(body),
+                            prompt_logprobs=body.logprobs if has_prompt_logprobs else None)
     request_id = f"cmpl-{secrets.token_hex(12)}"
     reply = _Reply(id=request_id, created=int(time.time()), model=engine.model_name,
                    num_choices=len(prompts) * body.n, n=body.n, num_prompt_tokens=sum(map(len, prompts)),
                    num_top_logprobs=body.logprobs, echo_texts=_echo_texts(tokenizer, body, prompts),
+                   prompt_ids=prompts, has_prompt_logprobs=has_prompt_logprobs,
                    tokenizer=tokenizer, trace=state.metrics.trace("completions", request_id))
     log.info("%s completion: %d prompt(s), %d prompt tokens, n=%d, stream=%s, %s", reply.id, len(prompts),
              reply.num_prompt_tokens, body.n, body.stream, sampling)
     log.debug("%s prompt: %s", reply.id, state.truncate_for_log(body.prompt))
+    reply.trace.num_prompt_tokens = reply.num_prompt_tokens  # for the access log
     sources: list[tuple[int, OutputSource]] = []
     for p, prompt_ids in enumerate(prompts):
-        if max_tokens == 0:
+        if max_tokens == 0 and not has_prompt_logprobs:
             sources.append((p * body.n, partial(_no_generation, body.n, len(prompt_ids))))
             continue
         generate = generate_request(body, request_id=f"{reply.id}-{p}", prompt_ids=prompt_ids, sampling=sampling)
-        sources.append((p * body.n, partial(engine.generate, generate)))
+        if max_tokens == 0:  # the prompt's logprobs still need its prefill
+            sources.append((p * body.n, partial(prompt_only, engine.generate, generate)))
+        else:
+            sources.append((p * body.n, partial(engine.generate, generate)))
     stream = await state.open_stream(sources)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -125,6 +153,9 @@ async def completions() -> Response:
         if reply.num_top_logprobs is not None:
             logprobs, _ = completion_logprobs(tokenizer, totals.logprobs[i], reply.num_top_logprobs,
                                               len(reply.echo_texts[i]))
+            prompt_layout = reply.prompt_logprobs(i, totals.prompt_logprobs[i])
+            if prompt_layout is not None:
+                logprobs = joined(prompt_layout, logprobs)
         choices.append(CompletionChoice(index=i, text=reply.echo_texts[i] + totals.text(i), logprobs=logprobs,
                                         finish_reason=totals.finish_reasons[i]))  # type: ignore[arg-type]
     answer = CompletionResponse(id=reply.id, created=reply.created, model=reply.model, choices=choices,
@@ -139,11 +170,14 @@ async def _events(stream: ChoiceStream, reply: _Reply, include_usage: bool) -> A
     try:
         yield b""  # sentinel (framing.primed)
         for i, text in enumerate(reply.echo_texts):  # one choice per chunk
-            if text:
+            if text and not reply.has_prompt_logprobs:  # else with its logprobs, which come with the first output
                 yield reply.chunk([CompletionChoice(index=i, text=text)])
         async for index, output in stream:
             totals.add(index, output)
             reply.trace.on_tokens(len(output.token_ids))
+            prompt_layout = reply.prompt_logprobs(index, output.prompt_logprobs)
+            if prompt_layout is not None:
+                yield reply.chunk([CompletionChoice(index=index, text=reply.echo_texts[index], logprobs=prompt_layout)])
             if not output.text and output.finish_reason is None and not output.logprobs:
                 continue
             logprobs = None

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from trillm.http import access_log
 from trillm.protocol.api import EngineStats
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,14 @@ class RequestTrace:
         self.request_id = request_id
         self.start_s = time.perf_counter()
         self.first_token_s: float | None = None
+        self.num_prompt_tokens = 0  # set by the handler (the access log's line)
         self.num_output_tokens = 0
+        self.on_finish: Callable[[], None] | None = None  # called once, when the request ends (access_log.py)
         self._is_finished = False
+
+    @property
+    def is_finished(self) -> bool:
+        return self._is_finished
 
     def on_tokens(self, num_tokens: int) -> None:
         if num_tokens and self.first_token_s is None:
@@ -127,6 +134,8 @@ class RequestTrace:
         if self._is_finished:
             return elapsed_s
         self._is_finished = True
+        if self.on_finish is not None:
+            self.on_finish()
         if is_disconnected:
             self._metrics.client_disconnects.labels(endpoint=self.endpoint).inc()
             log.info("%s: the client disconnected after %.3f s and %d tokens; its request was aborted (%s)",
@@ -160,7 +169,7 @@ class ServerMetrics:
         self.registry.register(_ListenCollector(read_listen_drops))
 
     def trace(self, endpoint: str, request_id: str = "") -> RequestTrace:
-        return RequestTrace(self, endpoint, request_id)
+        return access_log.attached(RequestTrace(self, endpoint, request_id))
 
     def count_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

@@ -94,7 +94,7 @@ _ROUTES = (
 )
 
 # Classes that appear only inside streams, documented so that clients can generate models for them.
-_STREAM_CLASSES = (schemas.ChatCompletionChunk, schemas.ErrorResponse)
+_STREAM_CLASSES = (schemas.ChatCompletionChunk, schemas.ToolCallsDelta, schemas.ErrorResponse)
 
 
 def _operation(route: _Route, refs: dict[type, dict[str, Any]], is_auth_required: bool) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import trio
 
 from trillm.protocol.api import GenerateRequest, SamplingParams, TextCodec
 from trillm.errors import InvalidRequestError
+from trillm.http.tools import history_tool_calls, tool_dicts
 from trillm.http.limits import texts_of
 from trillm.http.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, InteractiveRequest, SamplingFields
 
@@ -56,6 +57,10 @@ def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name is not None:
             entry["name"] = message.name
+        if message.tool_calls:  # the arguments as objects, as chat templates expect them
+            entry["tool_calls"] = history_tool_calls(message.tool_calls)
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         result.append(entry)
     return result
 
@@ -72,7 +77,7 @@ def chat_prompt_ids(tokenizer: TextCodec, request: ChatCompletionRequest) -> tup
         return tuple(tokenizer.encode(text, add_bos=True))
     if isinstance(messages, str):
         return tuple(tokenizer.encode_chat([{"role": "user", "content": messages}]))
-    return tuple(tokenizer.encode_chat(message_dicts(messages)))
+    return tuple(tokenizer.encode_chat(message_dicts(messages), tools=tool_dicts(request.tools)))
 
 
 def completion_prompts(tokenizer: TextCodec, request: CompletionRequest) -> list[tuple[int, ...]]:

@@ -7,7 +7,7 @@ These classes are the single source of truth for three things:
 - the wire format of responses (`encode` below).
 
 Field names and defaults follow OpenAI's API and LMDeploy's api_server (the contract is /shared/API.md). Fields a
-client may send that we do not implement (tools, response_format, ...) are not declared: unknown keys are ignored.
+client may send that we do not implement are not declared: unknown keys are ignored.
 Union types are written so that msgspec can describe them (at most one array type per union). Where the real
 union has several array forms, the field's `EXACT_FORMS` metadata lists them: the OpenAPI document publishes that
 union (generated clients then accept every form) and the converter enforces it (`CompletionRequest.prompt`).
@@ -16,7 +16,7 @@ union (generated clients then accept every form) and the converter enforces it (
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import attrs
 import msgspec
@@ -56,12 +56,68 @@ class ContentPart:
 
 
 @attrs.frozen(kw_only=True)
+class ToolCallFunction:
+    """The function a tool call names, with its arguments as a JSON text (OpenAI's layout)."""
+
+    name: str
+    arguments: str
+
+
+@attrs.frozen(kw_only=True)
+class ToolCall:
+    """One tool call of an assistant message (in a request's history, or in an answer)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+@attrs.frozen(kw_only=True)
 class ChatMessage:
     """One OpenAI chat message. Content is a string, a list of text parts, or null (an assistant tool call)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+@attrs.frozen(kw_only=True)
+class JsonSchemaFormat:
+    """`response_format.json_schema`: the schema the answer must validate against (OpenAI structured outputs)."""
+
+    name: str = "response"
+    description: str | None = None
+    schema: dict[str, Any] | None = None  # null: any JSON object
+    strict: bool | None = None  # true: a keyword the grammar compiler does not support is a 400, not ignored
+
+
+@attrs.frozen(kw_only=True)
+class ResponseFormat:
+    """The answer's format: free text, any JSON object, JSON of a schema, or (LMDeploy) text matching a regex."""
+
+    type: Literal["text", "json_object", "json_schema", "regex_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    regex_schema: str | None = None  # LMDeploy's `{"type": "regex_schema", "regex_schema": "..."}`
+
+
+@attrs.frozen(kw_only=True)
+class FunctionDefinition:
+    """A function the model may call: its name, what it does, and a JSON schema of its arguments."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ToolDefinition:
+    """One entry of `tools` (only functions exist)."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 @attrs.frozen(kw_only=True)
@@ -100,6 +156,12 @@ class SamplingFields:
     stream_options: StreamOptions | None = None
     user: str | None = None
     session_id: SessionId | None = None
+    # Constrained decoding (docs/structured.md): OpenAI's response_format, and vLLM's guided_* fields.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # llguidance's Lark dialect
 
 
 @attrs.frozen(kw_only=True)
@@ -112,6 +174,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
     do_preprocess: bool = True  # false: the messages' text is the prompt, no chat template
+    tools: list[ToolDefinition] | None = None
+    # "none", "auto", "required", or {"type": "function", "function": {"name": ...}} (checked in http/tools.py)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -217,6 +283,7 @@ class ChatResponseMessage:
 
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -226,7 +293,7 @@ class ChatChoice:
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -242,11 +309,36 @@ class ChatCompletionResponse:
 
 
 @attrs.frozen(kw_only=True)
+class DeltaFunction:
+    """A streamed tool call's function: the name in its first delta, then pieces of the arguments' JSON text."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class DeltaToolCall:
+    """One tool call's delta in a streamed chunk: `id` and `type` in its first delta only (OpenAI's layout)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
+@attrs.frozen(kw_only=True)
 class DeltaMessage:
     """The new part of a streamed chat choice; the first chunk of each choice carries the role."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ToolCallsDelta(DeltaMessage):
+    """A streamed delta that carries tool calls (a DeltaMessage on the wire with `tool_calls`; plain deltas omit it)."""
+
+    tool_calls: list[DeltaToolCall]
 
 
 @attrs.frozen(kw_only=True)
@@ -256,7 +348,7 @@ class ChatChunkChoice:
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
 
 
 @attrs.frozen(kw_only=True)

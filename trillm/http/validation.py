@@ -372,8 +372,6 @@ def _cross_checks(value: object) -> list[tuple[str | None, str]]:
             errors.append(("top_logprobs", "top_logprobs requires logprobs to be true"))
     elif isinstance(value, CompletionRequest):
         errors.extend(_prompt_shape_errors(value.prompt))
-        if value.echo and value.logprobs is not None:
-            errors.append(("echo", "echo together with logprobs is not supported (no prompt logprobs)"))
     elif isinstance(value, InteractiveRequest):
         if value.cancel and value.session_id == -1:
             errors.append(("session_id", "cancel needs the session_id of an existing session, not -1"))

@@ -53,7 +53,15 @@ from trillm.policy.kv_blocks import BlockManager, BlockManagerStats, blocks_for
 from trillm.policy.sequence import Sequence, SeqStatus
 from trillm.policy.session_kv import ClaimedKV, ParkedSessions
 from trillm.protocol.api import FinishReason, SamplingParams, TokenLogprob
-from trillm.protocol.step import PREVIOUS_TOKEN, SampleSpec, SeqStep, StepPlan, StepResult, TokenEvent
+from trillm.protocol.step import (
+    PREVIOUS_TOKEN,
+    PromptLogprobsSpec,
+    SampleSpec,
+    SeqStep,
+    StepPlan,
+    StepResult,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +221,10 @@ class Scheduler:
         """
         step_id, awaiting = self._in_flight.popleft()
         assert result.step_id == step_id, f"applying step {result.step_id}, expected {step_id}"
+        for scored in result.prompt_logprobs:
+            owner = self._seqs.get(scored.seq_id)
+            if owner is not None and scored.first_pos == len(owner.prompt_logprobs) + 1:
+                owner.prompt_logprobs.extend(scored.logprobs)
         events = []
         for sampled in result.sampled:
             if sampled.seq_id not in awaiting:
@@ -305,7 +317,7 @@ class Scheduler:
         if seq.num_pending:
             return False
         claimed = self._claim_parked(seq)
-        if claimed is None:
+        if claimed is None and seq.sampling.prompt_logprobs is None:  # prompt logprobs need every position's logits
             self._match_prefix(seq)
         num_needed = blocks_for(len(seq.token_ids), self.block_size) - len(seq.block_table)
         while not self.block_manager.can_allocate(num_needed):
@@ -318,6 +330,7 @@ class Scheduler:
             self._num_cached_prompt_tokens += seq.num_computed_tokens
             seq.is_admitted = True
         self._waiting.popleft()
+        seq.needs_grammar_replay = True  # the ranks may have dropped its matcher while it waited
         seq.status = SeqStatus.RUNNING
         self._running.append(seq)
         return True
@@ -365,10 +378,13 @@ class Scheduler:
                 eos_token_ids=self.eos_token_ids,
                 history_token_ids=tuple(seq.token_ids) if seq.sampling.has_penalties else (),
                 num_prompt_tokens=seq.num_prompt_tokens,
+                grammar_replay=seq.output_token_ids if seq.needs_grammar_replay and seq.sampling.grammar else None,
             )
+            seq.needs_grammar_replay = False
             self._in_flight[-1][1].add(seq.seq_id)
             seq.num_pending += 1
         token_ids = tuple(seq.token_ids[start:end])
+        prompt_logprobs = self._prompt_logprobs_spec(seq, start, end)
         if len(token_ids) < num_tokens:  # the in-flight sample: at most one, the last position
             assert len(token_ids) + 1 == num_tokens and seq.num_pending == 2, "only the in-flight sample is unknown"
             token_ids += (PREVIOUS_TOKEN,)
@@ -378,11 +394,27 @@ class Scheduler:
             start_pos=start,
             block_table=tuple(seq.block_table[: blocks_for(end, self.block_size)]),
             sample=sample,
+            prompt_logprobs=prompt_logprobs,
         )
         self._num_computed_prompt_tokens += max(0, min(end, seq.num_prompt_tokens) - start)
         seq.num_computed_tokens = end
         self._hash_computed_blocks(seq)
         return step
+
+    @staticmethod
+    def _prompt_logprobs_spec(seq: Sequence, start: int, end: int) -> PromptLogprobsSpec | None:
+        """Which rows of the chunk [start, end) score prompt tokens not scored yet (None: none, or not asked).
+
+        Row p predicts token p + 1; the rows of a recompute after preemption are not scored twice.
+        """
+        if seq.sampling.prompt_logprobs is None:
+            return None
+        first = max(start, len(seq.prompt_logprobs))  # rows before it were scored by an earlier chunk
+        stop = min(end, seq.num_prompt_tokens - 1)  # the last prompt token is predicted by row P - 2
+        if first >= stop:
+            return None
+        return PromptLogprobsSpec(num_top=seq.sampling.prompt_logprobs, first_pos=first,
+                                  target_ids=tuple(seq.token_ids[first + 1 : stop + 1]))
 
     def _hash_computed_blocks(self, seq: Sequence) -> None:
         """Register every newly full, computed block of `seq` in the prefix cache."""
@@ -443,6 +475,10 @@ class Scheduler:
         logprobs: tuple[TokenLogprob, ...] = (),
         finish_reason: FinishReason | None = None,
     ) -> TokenEvent:
+        prompt_logprobs = None
+        if seq.sampling.prompt_logprobs is not None and not seq.is_prompt_logprobs_sent:
+            prompt_logprobs = tuple(seq.prompt_logprobs)
+            seq.is_prompt_logprobs_sent = True
         return TokenEvent(
             seq_id=seq.seq_id,
             token_ids=token_ids,
@@ -450,4 +486,5 @@ class Scheduler:
             finish_reason=finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=prompt_logprobs,
         )

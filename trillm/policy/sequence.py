@@ -10,7 +10,7 @@ import enum
 
 import attrs
 
-from trillm.protocol.api import SamplingParams
+from trillm.protocol.api import SamplingParams, TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -40,6 +40,9 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     is_admitted: bool = False  # admitted at least once
     num_pending: int = 0  # samples in flight for it (planned, not applied yet): 0 in lockstep between steps
+    prompt_logprobs: list[TokenLogprob] = attrs.Factory(list)  # of prompt tokens 1, 2, ... (asked for, computed)
+    is_prompt_logprobs_sent: bool = False  # they go out once, on the sequence's first event
+    needs_grammar_replay: bool = True  # a grammar-constrained sequence's next sample must resend its outputs
 
     @property
     def num_tokens(self) -> int:

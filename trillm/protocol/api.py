@@ -67,6 +67,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = attrs.field(default=None)  # None = no logprobs; k >= 0 = sampled token's logprob plus the top k alternatives
+    prompt_logprobs: int | None = attrs.field(default=None)  # None = off; k >= 0 = each prompt token's logprob + top k
+    grammar: str | None = None  # constrained decoding: an llguidance grammar (trillm.structured.grammar builds it)
 
     @repetition_penalty.validator
     def _check_repetition_penalty(self, attribute: attrs.Attribute[float], value: float) -> None:
@@ -82,6 +84,11 @@ class SamplingParams:
     def _check_logprobs(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
         if value is not None and not 0 <= value <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {value}")
+
+    @prompt_logprobs.validator
+    def _check_prompt_logprobs(self, attribute: attrs.Attribute[int | None], value: int | None) -> None:
+        if value is not None and not 0 <= value <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {value}")
 
     @property
     def is_greedy(self) -> bool:
@@ -168,6 +175,9 @@ class CompletionOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     num_history_tokens: int = 0  # interactive turns: tokens the session held before this turn
+    # Set on a choice's first output when its request asked for prompt logprobs: one entry per prompt token after the
+    # first (the first token has no logprob), in prompt order.
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -203,9 +213,10 @@ class TextCodec(Protocol):
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]: ...
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def encode_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None) -> list[int]: ...
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str: ...
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str: ...
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
 

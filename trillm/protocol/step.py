@@ -38,6 +38,21 @@ class SampleSpec:
     eos_token_ids: tuple[int, ...] = ()  # masked while output_index < min_tokens (unless ignore_eos...)
     history_token_ids: tuple[int, ...] = ()
     num_prompt_tokens: int = 0
+    grammar_replay: tuple[int, ...] | None = None  # constrained: restart the rank's matcher, replay these outputs
+
+
+@compact_pickle
+@attrs.frozen(kw_only=True)
+class PromptLogprobsSpec:
+    """Part of a prefill SeqStep of a sequence that asked for prompt logprobs: which of its positions to score.
+
+    Row `first_pos + i` of the chunk (an absolute position) predicts the prompt token at `first_pos + i + 1`, which
+    is `target_ids[i]`; the last target may lie just past the chunk (the next chunk's first token).
+    """
+
+    num_top: int
+    first_pos: int
+    target_ids: tuple[int, ...]
 
 
 PREVIOUS_TOKEN = -1  # a SeqStep token id meaning "the token this rank last sampled for this seq_id" (step overlap)
@@ -59,6 +74,7 @@ class SeqStep:
     start_pos: int
     block_table: tuple[int, ...]
     sample: SampleSpec | None = None
+    prompt_logprobs: PromptLogprobsSpec | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -107,6 +123,16 @@ class SampledToken:
 
 @compact_pickle
 @attrs.frozen(kw_only=True)
+class PromptLogprobs:
+    """Part of a StepResult: the logprobs of prompt tokens `first_pos, first_pos + 1, ...` of one sequence."""
+
+    seq_id: int
+    first_pos: int
+    logprobs: tuple[TokenLogprob, ...]
+
+
+@compact_pickle
+@attrs.frozen(kw_only=True)
 class StepResult:
     """Rank 0 → Batcher, once per StepPlan: the sampled tokens, in the plan's order of sampled sequences.
 
@@ -116,6 +142,7 @@ class StepResult:
     step_id: int
     sampled: tuple[SampledToken, ...]
     elapsed_s: float = 0.0  # time the rank spent on the step (host + device)
+    prompt_logprobs: tuple[PromptLogprobs, ...] = ()  # for the plan's SeqSteps with a PromptLogprobsSpec
 
 
 @attrs.frozen(kw_only=True)
@@ -169,6 +196,7 @@ class TokenEvent:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None  # set when the engine failed: the request must fail with 503
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on a sequence's first event, when it asked for them
 
 
 class StepRunner(Protocol):
