@@ -24,8 +24,12 @@ from typing import Any
 import attrs
 
 from trillm.config import DEFAULT_MODEL, EngineConfig, ServerConfig
+from trillm.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
+
+ENGINE_WATCH_S = 0.1  # how often the server looks whether its engine is still alive
+ENGINE_FAILURE_GRACE_S = 2.0  # after the engine failed: time for in-flight requests' errors before the server stops
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEFAULT_SERVER_URL = "http://localhost:23333"
@@ -85,6 +89,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--cpu-threads", type=int,
                         help="torch threads of each CPU rank (default: the usable cores split between the ranks)")
     engine.add_argument("--cache-dir", help="where converted GGUF models are kept (default ~/.cache/trillm)")
+    engine.add_argument("--step-timeout", type=float, dest="step_timeout_s",
+                        help="seconds a rank may take to answer one engine step before it counts as hung: the "
+                             "engine then fails, requests get 503 and the server exits 1 (default 300; 0: no "
+                             "watchdog)")
     engine.add_argument("--max-sessions", type=int,
                         help="most interactive sessions held at once; a new one past it gets a 429 (default 4096)")
     engine.add_argument("--session-idle-timeout", type=float, dest="session_idle_timeout_s",
@@ -229,10 +237,19 @@ async def _wait_for_shutdown(state: Any, grace_s: float) -> None:
     import trio
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s: draining (new requests get 503; up to %.0f s for those in flight)",
-                     signal.Signals(signum).name, grace_s)
-            break
+        async with trio.open_nursery() as first:  # a signal, or the engine failing (a rank died or hung)
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("%s: draining (new requests get 503; up to %.0f s for those in flight)",
+                             signal.Signals(signum).name, grace_s)
+                    break
+                first.cancel_scope.cancel()
+
+            first.start_soon(on_signal)
+            first.start_soon(_exit_on_engine_failure, state, first.cancel_scope)
+        if not state.is_alive:
+            return
         state.drain()
         with trio.move_on_after(grace_s) as waiting:
             async with trio.open_nursery() as nursery:
@@ -249,6 +266,20 @@ async def _wait_for_shutdown(state: Any, grace_s: float) -> None:
             await state.end_in_flight(f"The server is shutting down: its drain deadline of {grace_s:g} s "
                                       "(--graceful-timeout) passed before this request finished")
     log.info("shutting down")
+
+
+async def _exit_on_engine_failure(state: Any, scope: Any) -> None:
+    """Once the engine has failed, give requests in flight ENGINE_FAILURE_GRACE_S to send their error (and load
+    balancers a /health 503), then cancel `scope`: the server stops and the process exits with status 1."""
+    import trio
+
+    while state.is_alive:
+        await trio.sleep(ENGINE_WATCH_S)
+    log.error("the engine failed (%s): stopping the server", state.failure_reason())
+    with trio.move_on_after(ENGINE_FAILURE_GRACE_S):
+        await state.wait_idle()
+    await trio.sleep(min(ENGINE_FAILURE_GRACE_S, 1.0))  # /health answers 503 meanwhile
+    scope.cancel()
 
 
 async def serve(config: ServerConfig) -> None:
@@ -283,6 +314,8 @@ async def serve(config: ServerConfig) -> None:
             what = "API docs" if not config.disable_docs else "API"
             print(f"trillm: serving {engine.model_name} at {url} -- open {browser_url} in a browser for the "
                   f"{what}", flush=True)
+    if not engine.is_alive:  # the server stopped because the engine failed: exit non-zero, saying why
+        raise EngineDeadError(f"the engine failed while serving: {state.failure_reason()}")
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -68,6 +68,7 @@ class EngineConfig:
     enable_overlap: bool = True  # plan step N+1 while the ranks run step N (False: lockstep)
     max_sessions: int = attrs.field(default=4096, validator=_positive)  # interactive sessions held at once
     session_idle_timeout_s: float = attrs.field(default=3600.0, validator=_non_negative)  # idle session end; 0: never
+    step_timeout_s: float = attrs.field(default=300.0, validator=_non_negative)  # hung-rank watchdog per step; 0: off
 
     @property
     def served_model_name(self) -> str:

@@ -5,7 +5,8 @@
 - "fake:fail-start": RankFailed instead of RankReady (exit 1);
 - "fake:die-at-step-N": exits with code 3 on receiving step N, without a reply (a crash);
 - "fake:fail-at-step-N": answers step N with RankFailed (exit 1);
-- "fake:ignore-shutdown": never exits on Shutdown (the worker must kill it).
+- "fake:ignore-shutdown": never exits on Shutdown (the worker must kill it);
+- "fake:hang-at-step-N": never answers step N (a hung rank: the watchdog must notice).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def main(config: RunnerConfig, sock: socket.socket) -> None:
             case StepPlan():
                 if behaviour == f"die-at-step-{message.step_id}":
                     os._exit(3)
+                if behaviour == f"hang-at-step-{message.step_id}":
+                    time.sleep(3600)
                 if behaviour == f"fail-at-step-{message.step_id}":
                     send_message(sock, RankFailed(rank=config.rank, message="fake rank broke", traceback="(fake)"))
                     os._exit(1)

@@ -69,10 +69,11 @@ Started = tuple[GPUWorkerActor, RankReady, trio.MemorySendChannel[StepPlan], tri
 
 
 @asynccontextmanager
-async def started_worker(behaviour: str) -> AsyncIterator[Started]:
+async def started_worker(behaviour: str, step_timeout_s: float = 0.0) -> AsyncIterator[Started]:
     plans_send, plans_receive = trio.open_memory_channel[StepPlan](0)
     results_send, results_receive = trio.open_memory_channel[StepResult](0)
-    worker = GPUWorkerActor(config(behaviour), plans_receive, results_send, target="fake_rank:main")
+    worker = GPUWorkerActor(config(behaviour), plans_receive, results_send, target="fake_rank:main",
+                            step_timeout_s=step_timeout_s)
     async with trio.open_nursery() as nursery:
         ready = await nursery.start(worker.run)
         yield worker, ready, plans_send, results_receive
@@ -132,6 +133,22 @@ async def test_rank_failure_reply_raises_with_its_message() -> None:
         async with started_worker("fail-at-step-1") as (_, _, plans, _):
             await plans.send(plan(1))
             await trio.sleep_forever()
+
+
+async def test_a_hung_rank_is_caught_by_the_watchdog_and_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_worker, "SHUTDOWN_GRACE_S", 0.2)
+    start = trio.current_time()
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(EngineDeadError, match=r"rank 0 did not answer step 2 within 0.5 s \(--step-timeout\)"),
+        flatten_subgroups=True,
+    ):
+        async with started_worker("hang-at-step-2", step_timeout_s=0.5) as (worker, _, plans, results):
+            await plans.send(plan(1))
+            await results.receive()  # a normal step is well within the budget
+            await plans.send(plan(2))
+            await trio.sleep_forever()
+    assert trio.current_time() - start < 5.0
+    assert worker._process is not None and worker._process.returncode == -signal.SIGKILL
 
 
 async def test_rank_killed_while_idle_is_noticed_without_a_step() -> None:

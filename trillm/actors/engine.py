@@ -224,7 +224,8 @@ class Engine:
                 workers = [
                     InProcessWorkerActor(runner_factory, cfg, plans, results, use_thread=use_threads)
                     if runner_factory is not None
-                    else GPUWorkerActor(cfg, plans, results, target=rank_target)
+                    else GPUWorkerActor(cfg, plans, results, target=rank_target,
+                                        step_timeout_s=self.config.step_timeout_s)
                     for cfg, (_, plans), (results, _) in zip(configs, plan_channels, result_channels)
                 ]
                 readies = await self._start_workers(actors, workers)

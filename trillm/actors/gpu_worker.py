@@ -11,8 +11,9 @@ to plans by order and step id, so a reply can never go to the wrong waiter (STAC
 
 Wire format, both ways: `trillm.protocol.wire`, the one framing both ends use.
 
-Supervision. The worker raises `EngineDeadError` when the rank reports `RankFailed`, closes its socket, or exits —
-a watcher task waits on the process's pidfd, so a rank that dies while the engine is idle is noticed at once. The
+Supervision. The worker raises `EngineDeadError` when the rank reports `RankFailed`, closes its socket, exits —
+a watcher task waits on the process's pidfd, so a rank that dies while the engine is idle is noticed at once — or
+leaves a step unanswered for `--step-timeout` seconds (the watchdog: a hung rank, e.g. a deadlocked collective). The
 exception crashes the Engine's actor nursery, and the Engine marks itself dead. On the way out (normal or not) the
 worker asks the rank to shut down, waits `SHUTDOWN_GRACE_S`, and kills it if it is still there.
 
@@ -137,9 +138,11 @@ class GPUWorkerActor:
         results: trio.MemorySendChannel[StepResult],
         *,
         target: str | None = None,  # "module:function" run instead of the rank's own entry point (tests)
+        step_timeout_s: float = 0.0,  # the watchdog: a step unanswered this long fails the engine; 0: none
     ) -> None:
         self.rank = config.rank
         self._config = config
+        self._step_timeout_s = step_timeout_s
         self._plans = plans
         self._results = results
         self._target = target
@@ -233,11 +236,15 @@ class GPUWorkerActor:
         async def answer() -> None:
             async for step_id in sent_receive:
                 try:
-                    reply = await reader.receive()
+                    with trio.move_on_after(self._step_timeout_s or math.inf) as watchdog:
+                        reply = await reader.receive()
                 except (EOFError, trio.BrokenResourceError):
                     raise EngineDeadError(
                         f"rank {self.rank} died during step {step_id} ({await self._exit_status(process)})"
                     ) from None
+                if watchdog.cancelled_caught:
+                    raise EngineDeadError(f"rank {self.rank} did not answer step {step_id} within "
+                                          f"{self._step_timeout_s:g} s (--step-timeout): it hangs, and is stopped")
                 match reply:
                     case StepResult(step_id=answered) if answered == step_id:
                         self._num_outstanding -= 1  # stays > 0 on any failure, which this task reports
