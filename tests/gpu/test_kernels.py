@@ -418,7 +418,7 @@ def test_fused_linear_rejects_a_residual_without_a_norm() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("num_heads", "num_kv_heads", "lens"), [(8, 2, [37, 300, 1]), (4, 4, [128])])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "lens"), [(8, 2, [37, 600, 1]), (4, 4, [512])])
 def test_fresh_prefill_attention_matches_the_paged_reference(num_heads: int, num_kv_heads: int, lens: list[int]) -> None:
     """Prompts from position 0 attended over their own k/v (SDPA per prompt) equal the reference over the paged cache."""
     dev, dtype, head_dim, block_size = torch.device("cuda"), torch.bfloat16, 128, 16
@@ -447,6 +447,9 @@ def test_fresh_prefill_attention_declines_cpu_tensors() -> None:
     x = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
     assert kernels.fresh_prefill_attention(x, x, x, [4], 0.125) is None
     assert kernels.fresh_prefill_attention(x, x, x, [1] * (kernels.FRESH_MAX_SEQS + 1), 0.125) is None
+    if torch.cuda.is_available():  # short prompts only: the paged kernel serves them
+        y = torch.zeros(4, 2, 64, dtype=torch.bfloat16, device="cuda")
+        assert kernels.fresh_prefill_attention(y, y, y, [4], 0.125) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -84,6 +84,7 @@ from .prefill_attention import PREFILL_BLOCK_M as PREFILL_BLOCK_M
 from .prefill_attention import PREFILL_BLOCK_N as PREFILL_BLOCK_N
 from .prefill_attention import PREFILL_WARPS as PREFILL_WARPS
 from .prefill_attention import FRESH_MAX_SEQS as FRESH_MAX_SEQS
+from .prefill_attention import FRESH_MIN_TOKENS as FRESH_MIN_TOKENS
 from .prefill_attention import fresh_prefill_attention as fresh_prefill_attention
 from .prefill_attention import paged_prefill_attention as paged_prefill_attention
 from .prefill_attention import prefill_smem_bytes as prefill_smem_bytes

@@ -76,7 +76,8 @@ def paged_prefill_attention(
     return out
 
 
-FRESH_MAX_SEQS = 8  # one SDPA call per prompt: beyond this many prompts the launches cost more than they save
+FRESH_MAX_SEQS = 4  # one SDPA call per prompt: beyond this many prompts the launches cost more than they save
+FRESH_MIN_TOKENS = 512  # attention cost grows with the square of the prompt: below this the paged kernel is as quick
 
 
 def fresh_prefill_attention(
@@ -91,9 +92,10 @@ def fresh_prefill_attention(
     A prefill from position 0 reads no KV cache, so the paged kernel's gathers buy nothing, and torch's flash SDPA is
     2.7x faster than our paged kernel on the 7B shape (bench.kernels: 32 vs 87 us for 1,024 tokens; torch's varlen
     entry point measured 63 us, so it is not used). Returns None where this does not pay or cannot run (CPU tensors,
-    more than FRESH_MAX_SEQS prompts); the caller then runs `paged_prefill_attention`.
+    more than FRESH_MAX_SEQS prompts, none as long as FRESH_MIN_TOKENS: a batch of short prompts would pay one launch
+    each for little work); the caller then runs `paged_prefill_attention`.
     """
-    if q.device.type != "cuda" or not 0 < len(lens) <= FRESH_MAX_SEQS:
+    if q.device.type != "cuda" or not 0 < len(lens) <= FRESH_MAX_SEQS or max(lens) < FRESH_MIN_TOKENS:
         return None
     gqa = q.shape[1] != k.shape[1]
     if len(lens) == 1:  # one prompt: SDPA's output, viewed back as [tokens, heads, head_dim] without a copy
