@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -250,3 +251,27 @@ async def test_the_session_cap_holds() -> None:
         await engine.end_session(1)
         await turn(engine, "hi", session_id=4)
         assert engine.statistics().num_sessions == 3
+
+
+async def test_a_long_turn_is_tokenized_in_a_thread_and_a_second_turn_meanwhile_is_busy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from trillm.actors import session as session_module
+
+    monkeypatch.setattr(session_module, "OFF_LOOP_CHARS", 3)
+    async with open_engine() as (engine, _):
+        encode_chat = engine.tokenizer.encode_chat
+
+        def slow_encode_chat(messages: list[dict[str, Any]]) -> list[int]:
+            time.sleep(0.3)  # a big prompt's tokenizing: it must not hold up the event loop
+            return encode_chat(messages)
+
+        monkeypatch.setattr(engine.tokenizer, "encode_chat", slow_encode_chat)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(turn, engine, "a long prompt")
+            start = time.perf_counter()
+            await trio.sleep(0.05)
+            assert time.perf_counter() - start < 0.2  # the loop ran on while the thread tokenized
+            with pytest.raises(SessionBusyError):
+                await turn(engine, "hi")
+        follow_up = await turn(engine, "again")
+        assert follow_up[0].num_history_tokens == len(first_turn_ids("a long prompt")) + 5

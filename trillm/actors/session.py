@@ -42,6 +42,7 @@ FULL_SESSION_HINT = (
     "request_output_len 0 and interactive_mode false), or start a new one with session_id -1."
 )
 LONG_FIRST_TURN_HINT = "The prompt alone is longer than the window allows: shorten it (no session was created)."
+OFF_LOOP_CHARS = 16 << 10  # turns with more text than this are tokenized in a worker thread
 RELEASE_TIMEOUT_S = 5.0  # bound on the shielded send of ReleaseSession when a turn ends
 
 
@@ -130,23 +131,27 @@ class SessionActor:
             raise SessionBusyError(self.session_id)
         prompt = turn.prompt
         new_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-        new_ids = self._encode_turn(new_messages)
-        prompt_ids = (*self._token_ids, *new_ids)
         interactive_mode = turn.interactive_mode
-        request = GenerateRequest(
-            request_id=turn.request_id,
-            prompt_token_ids=prompt_ids,
-            sampling=turn.sampling,
-            stop=turn.stop,
-            skip_special_tokens=turn.skip_special_tokens,
-            spaces_between_special_tokens=turn.spaces_between_special_tokens,
-            session_id=self.session_id,
-            keep_kv=interactive_mode,
-        )
         self._is_busy = True  # from here until the finally below, a second turn is refused
         self.last_active_s = trio.current_time()
         recorder: _RecordingStream | None = None
         try:
+            size = sum(len(str(message.get("content") or "")) for message in new_messages)
+            if size > OFF_LOOP_CHARS:  # a long prompt is tokenized in a thread (Tokenizer.encode frees the GIL)
+                new_ids = await trio.to_thread.run_sync(self._encode_turn, new_messages)  # `end` may run meanwhile
+            else:
+                new_ids = self._encode_turn(new_messages)
+            prompt_ids = (*self._token_ids, *new_ids)
+            request = GenerateRequest(
+                request_id=turn.request_id,
+                prompt_token_ids=prompt_ids,
+                sampling=turn.sampling,
+                stop=turn.stop,
+                skip_special_tokens=turn.skip_special_tokens,
+                spaces_between_special_tokens=turn.spaces_between_special_tokens,
+                session_id=self.session_id,
+                keep_kv=interactive_mode,
+            )
             # The Engine's admission check refuses a turn that leaves no room, with a hint to end the session.
             hint = FULL_SESSION_HINT if self._token_ids else LONG_FIRST_TURN_HINT
             async with self._open_request(request, num_history_tokens=len(self._token_ids), hint=hint) as stream:
