@@ -77,6 +77,20 @@ def test_text_without_calls_streams_as_content_including_a_held_back_tag_prefix(
     assert first + tail == "a < b and <tool_" and calls == [] and stream.num_calls == 0
 
 
+def test_a_call_the_incremental_reader_cannot_follow_is_sent_whole_at_the_end() -> None:
+    stream = ToolCallStream(HERMES)
+    text = 'Sure.<tool_call>\n{"arguments": {"a": 1, "b": 2}, "name": "add"}\n</tool_call>'
+    content, deltas = stream.push(text)
+    assert content == "Sure." and deltas == []
+    tail, calls = stream.finish()
+    assert tail == "" and [(c.index, c.function.name, json.loads(c.function.arguments or "")) for c in calls] == [
+        (0, "add", {"a": 1, "b": 2})]
+    broken = ToolCallStream(HERMES)
+    content, _ = broken.push("x<tool_call>\n{oops")
+    tail, calls = broken.finish()
+    assert content + tail == "x<tool_call>\n{oops" and calls == []
+
+
 # ----------------------------------------------------------------------------------------------------- live engine
 
 

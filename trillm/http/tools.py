@@ -218,19 +218,27 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, list[DeltaToolCall]]:
         """At the choice's end: what is left (held-back content; whole calls of the non-incremental formats)."""
+        rest, self._sent = self._text[self._sent :], len(self._text)
         if self._format == HERMES:
-            if self._num_calls == 0 and not self._in_call:
-                rest, self._sent = self._text[self._sent :], len(self._text)
-                return rest, []
-            return "", []
-        content, calls = parse_tool_calls(self._text, self._format)
-        if not calls:
+            if not self._in_call:
+                return (rest, []) if self._num_calls == 0 else ("", [])
+            if self._has_head:
+                return "", []  # cut inside a call (max_tokens): its arguments went out as far as they came
+            # a call the incremental reader could not follow (e.g. "arguments" before "name"): parse it whole
+            content, calls = parse_tool_calls(_CALL_OPEN + rest, HERMES)
+            prefix = ""
+        else:
+            content, calls = parse_tool_calls(self._text, self._format)
+            prefix = content or ""
+        if not calls:  # no call after all: the text is content (for Hermes, what push held back from the tag on)
+            if self._format == HERMES:
+                return (_CALL_OPEN + rest if self._num_calls == 0 else ""), []
             return self._text, []
-        self._num_calls = len(calls)
-        return content or "", [DeltaToolCall(index=i, id=call.id, type="function",
-                                             function=DeltaFunction(name=call.function.name,
-                                                                    arguments=call.function.arguments))
-                               for i, call in enumerate(calls)]
+        first, self._num_calls = self._num_calls, self._num_calls + len(calls)
+        return prefix, [DeltaToolCall(index=first + i, id=call.id, type="function",
+                                      function=DeltaFunction(name=call.function.name,
+                                                             arguments=call.function.arguments))
+                        for i, call in enumerate(calls)]
 
 
 def tool_dicts(tools: Sequence[ToolDefinition] | None) -> list[dict[str, Any]] | None:
