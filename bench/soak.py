@@ -32,6 +32,7 @@ import trio
 # All zero once the server is idle: the KV pool is all free (usage 0 counts blocks of requests and of sessions).
 GAUGES = ("num_requests_running", "num_requests_waiting", "num_sessions", "kv_cache_usage_perc",
           "session_kv_usage_perc")
+KINDS = ("stream", "session", "bad")
 BAD_BODIES: list[tuple[str, str, bytes]] = [  # (method, path, raw body)
     ("POST", "/v1/chat/completions", b'{"messages":[{"role":"user","content":"\\ud800"}],"max_tokens":1}'),
     ("POST", "/v1/completions", b'{"prompt":"x","logit_bias":{"\xc2\xb2":1}}'),
@@ -129,15 +130,16 @@ class Soak:
             self.fail(f"bad request {method} {path} {raw[:40]!r}: {response.status_code}")
         self.counts["bad_requests"] += 1
 
-    async def worker(self, deadline: float, seed: int) -> None:
+    async def worker(self, deadline: float, seed: int, index: int) -> None:
         worker = random.Random(seed)
+        kind = KINDS[index % len(KINDS)]  # the first action: every kind runs even in a short soak
         async with httpx.AsyncClient(base_url=self.url, timeout=120) as client:
             while time.monotonic() < deadline:
-                kind = worker.choices(("stream", "session", "bad"), weights=(6, 2, 2))[0]
                 try:
                     await getattr(self, kind)(client, worker)
                 except httpx.TransportError as exc:
                     self.fail(f"{kind}: {type(exc).__name__}: {exc}")
+                kind = worker.choices(KINDS, weights=(6, 2, 2))[0]
 
     async def settled(self, settle_s: float) -> dict[str, float]:
         """Poll /metrics until the KV pool is all free and nothing runs (or `settle_s` passes); the last values."""
@@ -157,14 +159,17 @@ class Soak:
 
 async def run(url: str, duration_s: float, concurrency: int, seed: int, settle_s: float) -> dict[str, Any]:
     soak = Soak(url, seed)
-    deadline = time.monotonic() + duration_s
+    start = time.monotonic()
+    deadline = start + duration_s
     async with trio.open_nursery() as nursery:
         for index in range(concurrency):
-            nursery.start_soon(soak.worker, deadline, seed * 1000 + index)
+            nursery.start_soon(soak.worker, deadline, seed * 1000 + index, index)
+    load_s = time.monotonic() - start
     end = await soak.settled(settle_s)
     if any(value != 0 for value in end.values()):
         soak.fail(f"not settled (KV in use, requests or sessions left): {end}")
-    return {"counts": dict(soak.counts), "end": end, "failures": soak.failures}
+    return {"counts": dict(soak.counts), "end": end, "failures": soak.failures, "load_s": round(load_s, 2),
+            "settle_s": round(time.monotonic() - start - load_s, 2)}
 
 
 def main() -> int:

@@ -17,12 +17,12 @@ def test_soak_leaves_the_server_whole(smollm2_folder: str, tmp_path: Path) -> No
     served = ServedProcess(smollm2_folder, "--session-len", "256", "--log-level", "warning", cwd=tmp_path)
     try:
         served.wait_ready()
-        result = trio.run(run, served.url, 15.0, 6, 0, 60.0)  # seconds of load, workers, seed, settle time
+        result = trio.run(run, served.url, 8.0, 4, 0, 60.0)  # seconds of load, workers, seed, settle time
     finally:
         served.stop()
     assert result["failures"] == [], result
     counts = result["counts"]
     # Each kind ran (the counts depend on the machine's speed: a busy 2-core machine manages a few of each).
-    assert counts["streams"] >= 2 and counts["sessions"] >= 1 and counts["bad_requests"] >= 1, counts
+    assert counts["streams"] >= 1 and counts["sessions"] >= 1 and counts["bad_requests"] >= 1, counts
     assert all(value == 0 for value in result["end"].values()), result["end"]
     assert "Traceback" not in "".join(served.output), "".join(served.output)
