@@ -63,6 +63,7 @@ class APIClient:
         if api_key is not None:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self._available_models: list[str] | None = None
+        self._open_sessions: set[int] = set()  # sessions with a kept turn: their next turns send x-session-continue
         self._http = httpx.Client(base_url=self.api_server_url, headers=self.headers, timeout=TIMEOUT)
 
     def close(self) -> None:
@@ -231,7 +232,17 @@ class APIClient:
             APIError: the request failed or the stream carried an error.
         """
         payload = _payload(locals(), kwargs)
-        yield from self._post("/v1/chat/interactive", payload, stream=stream, sse=False)
+        headers = {}
+        if session_id != -1:
+            headers["x-session-id"] = str(session_id)  # for load balancers that route sessions by header
+            if session_id in self._open_sessions and not _ends_session(payload):
+                headers["x-session-continue"] = "true"  # an unknown session is then a 404, never a silent new one
+        for chunk in self._post("/v1/chat/interactive", payload, stream=stream, sse=False, headers=headers):
+            if interactive_mode and isinstance(chunk.get("session_id"), int) and chunk["session_id"] != -1:
+                self._open_sessions.add(chunk["session_id"])
+            yield chunk
+        if not interactive_mode and session_id != -1:
+            self._open_sessions.discard(session_id)
 
     def chat(self, prompt: str, session_id: int, image_url: str | list[str] | None = None,
              request_output_len: int | None = None, stream: bool = False, top_p: float = 0.8, top_k: int = 40,
@@ -295,11 +306,12 @@ class APIClient:
     def _post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         return next(self._post(path, payload, stream=False, sse=False))
 
-    def _post(self, path: str, payload: dict[str, Any], *, stream: bool, sse: bool) -> Iterator[dict[str, Any]]:
+    def _post(self, path: str, payload: dict[str, Any], *, stream: bool, sse: bool,
+              headers: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
         """POST `payload`; yield the one JSON body, or each SSE event / NDJSON line of a stream."""
         log.debug("POST %s%s stream=%s", self.api_server_url, path, stream)
         try:
-            with self._http.stream("POST", path, json=payload) as response:
+            with self._http.stream("POST", path, json=payload, headers=headers) as response:
                 if response.status_code >= 400:
                     _raise_for_status(response, response.read())
                 if not stream:
@@ -314,6 +326,11 @@ class APIClient:
 
     def _unreachable(self, exc: httpx.TransportError) -> APIError:
         return APIError(f"cannot reach the server at {self.api_server_url}: {exc}")
+
+
+def _ends_session(payload: dict[str, Any]) -> bool:
+    """A cancel, or LMDeploy's end-of-session form (empty prompt, no tokens, not interactive): fine for any id."""
+    return bool(payload.get("cancel")) or (payload.get("prompt") == "" and payload.get("request_output_len") == 0)
 
 
 def _payload(arguments: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,19 @@ class SessionLimitError(TrillmError):
         self.max_sessions = max_sessions
 
 
+class SessionNotFoundError(TrillmError):
+    """A turn that says it continues a session (header `x-session-continue`) names one this server does not hold
+    (HTTP 404): it ended, expired, or lived on a replica that went away. Never silently started afresh."""
+
+    def __init__(self, session_id: int) -> None:
+        super().__init__(
+            f"session {session_id} has no history on this server: it ended, expired after --session-idle-timeout, or "
+            "was held by a server (replica) that restarted or went away. Start a new session (a new session_id, or "
+            "-1) and send the conversation again"
+        )
+        self.session_id = session_id
+
+
 class SessionOccupiedError(InvalidRequestError):
     """A stateless endpoint was given the id of an interactive session that has history (HTTP 400)."""
 

@@ -16,7 +16,13 @@ from trillm.actors.engine import Engine
 from trillm.protocol.api import CompletionOutput, FinishReason, GenerateRequest, InteractiveTurn, SamplingParams
 from trillm.protocol.step import SampleSpec
 from trillm.config import EngineConfig
-from trillm.errors import ContextLengthExceededError, SessionBusyError, SessionLimitError, SessionOccupiedError
+from trillm.errors import (
+    ContextLengthExceededError,
+    SessionBusyError,
+    SessionLimitError,
+    SessionNotFoundError,
+    SessionOccupiedError,
+)
 
 pytestmark = pytest.mark.usefixtures("overlap")  # every test runs in lockstep and with step overlap
 
@@ -275,3 +281,19 @@ async def test_a_long_turn_is_tokenized_in_a_thread_and_a_second_turn_meanwhile_
                 await turn(engine, "hi")
         follow_up = await turn(engine, "again")
         assert follow_up[0].num_history_tokens == len(first_turn_ids("a long prompt")) + 5
+
+
+async def test_a_turn_that_continues_an_unknown_session_is_refused_and_starts_nothing() -> None:
+    def continuing(session_id: int) -> InteractiveTurn:
+        return InteractiveTurn(request_id="again", session_id=session_id, prompt="and then?", interactive_mode=True,
+                               sampling=SamplingParams(temperature=0.0, max_tokens=3), continues=True)
+
+    async with open_engine() as (engine, _):
+        with pytest.raises(SessionNotFoundError) as info:
+            async with engine.interactive(continuing(77)) as outputs:
+                [o async for o in outputs]
+        assert "new session" in str(info.value) and engine.statistics().num_sessions == 0
+        first = await turn(engine, "hello", session_id=77)
+        async with engine.interactive(continuing(77)) as outputs:
+            later = [o async for o in outputs]
+        assert later[0].num_history_tokens == first[-1].num_prompt_tokens + first[-1].num_output_tokens

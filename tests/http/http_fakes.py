@@ -35,6 +35,7 @@ from trillm.errors import (
     EngineDrainingError,
     InvalidRequestError,
     SessionBusyError,
+    SessionNotFoundError,
     SessionOccupiedError,
 )
 
@@ -178,6 +179,8 @@ class FakeEngine:
         session_id, prompt, interactive_mode = turn.session_id, turn.prompt, turn.interactive_mode
         sampling, stop, request_id = turn.sampling, turn.stop, turn.request_id
         self._admit_check(1)
+        if turn.continues and not self.sessions.get(session_id, _Session()).history:
+            raise SessionNotFoundError(session_id)
         session = self.sessions.setdefault(session_id, _Session())
         if session.is_busy:
             raise SessionBusyError(session_id)

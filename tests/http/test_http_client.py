@@ -172,3 +172,21 @@ def test_importing_trillm_loads_neither_torch_nor_trio() -> None:
     code = "import trillm, sys; print('torch' in sys.modules, 'trio' in sys.modules, trillm.APIClient.__name__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False", "APIClient"]
+
+
+def test_a_session_lost_by_the_server_is_an_error_on_the_next_turn(api_client: APIClient,
+                                                                   fake_engine: FakeEngine) -> None:
+    """After a kept turn the client says its next turns continue the session: a server that lost it answers 404."""
+    list(api_client.chat_interactive_v1(prompt="remember 42", session_id=5150, interactive_mode=True,
+                                        request_output_len=2))
+    del fake_engine.sessions[5150]  # the replica restarted, or the session expired
+    with pytest.raises(APIError) as caught:
+        list(api_client.chat_interactive_v1(prompt="what number?", session_id=5150, interactive_mode=True,
+                                            request_output_len=2))
+    assert caught.value.status_code == 404 and (caught.value.error or {}).get("code") == "session_not_found"
+    assert 5150 not in fake_engine.sessions
+    api_client.end_session(5150)  # ending is fine whatever the server holds
+    first = list(api_client.chat_interactive_v1(prompt="fresh start", session_id=5150, interactive_mode=True,
+                                                request_output_len=2))  # a first turn again: no header
+    assert first[0]["history_tokens"] == 0
+    api_client.end_session(5150)

@@ -106,3 +106,23 @@ def test_stateless_request_on_an_occupied_session_is_400(http: httpx.Client) -> 
     assert response.status_code == 400
     assert response.json()["error"] == {"message": "session_id 6 is occupied", "type": "invalid_request_error",
                                         "param": "session_id", "code": "session_occupied"}
+
+
+def test_a_continuing_turn_of_an_unknown_session_is_a_404_not_a_new_session(
+    http: httpx.Client, fake_engine: FakeEngine
+) -> None:
+    """x-session-continue: the session must already be here (a client behind replicas learns its replica went away)."""
+    continues = {"x-session-continue": "true"}
+    response = http.post("/v1/chat/interactive", headers=continues,
+                         json={"prompt": "where were we?", "session_id": 4404, "interactive_mode": True})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["code"] == "session_not_found" and error["param"] == "session_id"
+    assert "new session" in error["message"] and 4404 not in fake_engine.sessions  # nothing was started
+    first = turn(http, prompt="hello", session_id=4404, interactive_mode=True, request_output_len=3)
+    response = http.post("/v1/chat/interactive", headers=continues,
+                         json={"prompt": "and then?", "session_id": 4404, "interactive_mode": True,
+                               "request_output_len": 3})
+    assert response.status_code == 200, response.text
+    assert response.json()["history_tokens"] == first["input_tokens"] + first["tokens"]
+    turn(http, prompt="", session_id=4404, request_output_len=0, interactive_mode=False)

@@ -63,6 +63,7 @@ from trillm.errors import (
     EngineDrainingError,
     InvalidRequestError,
     SessionLimitError,
+    SessionNotFoundError,
     SessionOccupiedError,
 )
 from trillm.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -446,11 +447,14 @@ class Engine:
 
         Raises:
             SessionBusyError: the session's previous turn is still running (409).
+            SessionNotFoundError: `turn.continues` names a session this server does not hold (404).
             ContextLengthExceededError: the turn does not fit in the window; the hint says to end the session.
             InvalidRequestError, EngineDeadError, EngineDrainingError: as for `generate`.
         """
         self._check_accepting()
         session = self._sessions.get(turn.session_id)
+        if turn.continues and (session is None or not session.has_history):
+            raise SessionNotFoundError(turn.session_id)
         if session is None:
             if len(self._sessions) >= self.config.max_sessions:
                 raise SessionLimitError(self.config.max_sessions)

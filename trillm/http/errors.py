@@ -20,6 +20,7 @@ from trillm.errors import (
     ModelNotFoundError,
     SessionBusyError,
     SessionLimitError,
+    SessionNotFoundError,
     TrillmError,
 )
 from trillm.http.schemas import ErrorDetail, ErrorResponse, encode
@@ -57,6 +58,8 @@ def describe_exception(exc: BaseException) -> tuple[int, ErrorDetail]:
             return 404, ErrorDetail(message=str(exc), type=INVALID_REQUEST, param="model", code="model_not_found")
         case SessionLimitError():
             return 429, ErrorDetail(message=str(exc), type=INVALID_REQUEST, param="session_id", code="too_many_sessions")
+        case SessionNotFoundError():
+            return 404, ErrorDetail(message=str(exc), type=INVALID_REQUEST, param="session_id", code="session_not_found")
         case SessionBusyError():
             return 409, ErrorDetail(message=str(exc), type=INVALID_REQUEST, param="session_id", code="session_busy")
         case EngineDrainingError():

@@ -5,7 +5,10 @@ module only maps the request onto `Engine.interactive`, `Engine.end_session` and
 
 - `cancel: true`: stop the running turn (its output stays in the history); 400 with session_id -1.
 - `prompt: ""`, `request_output_len: 0`, `interactive_mode: false`: end the session; zeros with `stop`.
-- otherwise a turn; session_id -1 gets a new id, returned in `session_id`.
+- otherwise a turn; session_id -1 gets a new id, returned in `session_id`. With the request header
+  `x-session-continue: true` the turn must continue a session this server holds: an unknown id is a 404
+  `session_not_found` instead of a new, empty session (a client behind several replicas learns that its session's
+  replica went away; `trillm.APIClient` sends it on every turn after a session's first).
 
 The stream is newline-delimited JSON: `text` is the delta, `tokens` cumulative, `finish_reason` null until the last
 line (LMDeploy's APIClient reads exactly this).
@@ -79,6 +82,7 @@ async def chat_interactive() -> Response:
         stop=stop_strings(body.stop),
         skip_special_tokens=body.skip_special_tokens,
         spaces_between_special_tokens=body.spaces_between_special_tokens,
+        continues=request.headers.get("x-session-continue", "").strip().lower() in ("1", "true", "yes"),
     )
     log.info("%s turn: interactive_mode=%s, stream=%s, %s", request_id, body.interactive_mode, body.stream,
              turn.sampling)

@@ -38,7 +38,7 @@ INT32_MIN = -(2**31)
 _ERRORS = {
     "400": "Invalid request: malformed JSON, wrong types, values out of range, prompt too long",
     "401": "Missing or invalid API key",
-    "404": "Unknown model",
+    "404": "Unknown model; on /v1/chat/interactive with x-session-continue, a session this server does not hold",
     "409": "Session busy: a turn of this session is running",
     "413": "Request body too large",
     "429": "Too many interactive sessions (--max-sessions)",
@@ -59,6 +59,7 @@ class _Route:
     errors: tuple[str, ...] = ("400", "401", "404", "413", "503")
     example: dict[str, Any] | None = None  # the request body Swagger UI's "Try it out" starts from
     path_parameters: tuple[tuple[str, str], ...] = ()  # (name, description) of each `{name}` in the path
+    header_parameters: tuple[tuple[str, str], ...] = ()  # (name, description) of optional request headers
 
 
 _ROUTES = (
@@ -81,8 +82,13 @@ _ROUTES = (
            summary="One turn of an LMDeploy interactive session; with stream=true newline-delimited JSON",
            request=schemas.InteractiveRequest, response=schemas.InteractiveResponse,
            media={"application/x-ndjson": "one InteractiveResponse per line; `text` is the delta"},
-           errors=("400", "401", "409", "413", "429", "503"),
-           example={"prompt": "Hello!", "session_id": -1, "interactive_mode": True, "request_output_len": 32}),
+           errors=("400", "401", "404", "409", "413", "429", "503"),
+           example={"prompt": "Hello!", "session_id": -1, "interactive_mode": True, "request_output_len": 32},
+           header_parameters=(
+               ("x-session-continue", "`true`: this turn continues a session the server must already hold; an "
+                                      "unknown session_id is a 404 session_not_found instead of a new session"),
+               ("x-session-id", "the session_id again, for load balancers that route sessions by header"),
+           )),
     _Route(path="/v1/encode", method="post", operation_id="encode", summary="Tokenize text",
            request=schemas.EncodeRequest, response=schemas.EncodeResponse, errors=("400", "401", "413", "503"),
            example={"input": "Hello, world!"}),
@@ -110,9 +116,12 @@ def _operation(route: _Route, refs: dict[type, dict[str, Any]], is_auth_required
             "content": {"application/json": {"schema": refs[schemas.ErrorResponse]}},
         }
     operation: dict[str, Any] = {"operationId": route.operation_id, "summary": route.summary, "responses": responses}
-    if route.path_parameters:
-        operation["parameters"] = [{"name": name, "in": "path", "required": True, "description": description,
-                                    "schema": {"type": "string"}} for name, description in route.path_parameters]
+    parameters = [{"name": name, "in": "path", "required": True, "description": description,
+                   "schema": {"type": "string"}} for name, description in route.path_parameters]
+    parameters += [{"name": name, "in": "header", "required": False, "description": description,
+                    "schema": {"type": "string"}} for name, description in route.header_parameters]
+    if parameters:
+        operation["parameters"] = parameters
     if route.request is not None:
         body: dict[str, Any] = {"schema": refs[route.request]}
         if route.example is not None:

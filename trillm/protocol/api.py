@@ -130,7 +130,8 @@ class InteractiveTurn:
     """HTTP handler → Engine.interactive → SessionActor, once per turn of an interactive session (API.md).
 
     `prompt` is the turn's new text (one user message) or its new OpenAI messages; the session adds its history.
-    `interactive_mode=False` answers the turn and then ends the session.
+    `interactive_mode=False` answers the turn and then ends the session. `continues=True` (the client's
+    `x-session-continue` header) means the session must already exist: an unknown one is an error, not a new one.
     """
 
     request_id: str
@@ -141,6 +142,7 @@ class InteractiveTurn:
     stop: tuple[str, ...] = ()
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    continues: bool = False
 
 
 @compact_pickle
