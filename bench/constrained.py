@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from trillm.gpu.sampling import sample
 from trillm.protocol.api import SamplingParams
@@ -60,7 +61,7 @@ def _tokenizer_file(path: str | None) -> Path:
 
 def run(batch: int, steps: int, device: torch.device, tokenizer: Path, vocab: int | None) -> dict[str, object]:
     """Median per-step milliseconds of the free and the constrained sampler, and the constrained path's parts."""
-    vocab_size = vocab or json.loads(tokenizer.read_text())["model"]["vocab"].__len__()
+    vocab_size = vocab or Tokenizer.from_file(str(tokenizer)).get_vocab_size(with_added_tokens=True)
     matchers = GrammarMatchers(tokenizer, vocab_size=vocab_size, device=device)
     grammar = json_schema_grammar(SCHEMA)
     free = [SampleSpec(sampling=SamplingParams(temperature=1.0, seed=i), output_index=0, eos_token_ids=(EOS,))
