@@ -14,8 +14,9 @@ prefill sequence over gathered pages. Here:
 - rotary rotates q and k together when they are neighbouring column ranges of one qkv row (they are, after the
   fused qkv projection's split), with a [cos, cos] / [-sin, sin] table derived once per cos/sin cache;
 - KV writes are one `index_put_` per cache, without the padding mask unless a slot is -1;
-- attention is `F.scaled_dot_product_attention` over the gathered pages (GQA through `enable_gqa`), causal without
-  a mask tensor when a prefill chunk is its sequence's whole context.
+- prefill attention is `F.scaled_dot_product_attention` over each sequence's gathered pages (GQA through
+  `enable_gqa`), causal without a mask tensor when the chunk is its sequence's whole context; decode attention
+  multiplies page by page and never copies the gathered pages into one run.
 """
 
 from __future__ import annotations
@@ -175,22 +176,34 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [num_seqs] int32, each >= 1
     scale: float,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
-    """`reference.paged_decode_attention` through SDPA over the gathered pages (masked past each context)."""
+    """`reference.paged_decode_attention` over the gathered pages as they lie, block by block.
+
+    The pages are gathered once (one index_select per cache) and never transposed into one [heads, positions] run:
+    the scores are batched matrix products per (sequence, page, KV head), the softmax runs over all pages of a
+    sequence, and the page-wise products with V are summed. 2-10 % faster per decode step at batch 8 than SDPA
+    over transposed copies (docs/perf.md, CPU).
+    """
     if q.dtype != torch.float32:
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    block_size = k_cache.shape[2]
-    lens = context_lens
-    max_len = int(lens.max())
-    tables = block_tables[:, : -(-max_len // block_size)]  # [num_seqs, max_blocks]; index_select takes int32
-    keys = _gather_pages(k_cache, tables)[:, :, :max_len]  # [num_seqs, num_kv_heads, max_len, head_dim]
-    values = _gather_pages(v_cache, tables)[:, :, :max_len]
-    mask = None
-    if int(lens.min()) != max_len:
-        mask = (torch.arange(max_len) < lens[:, None])[:, None, None, :]  # [num_seqs, 1, 1, max_len]
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-    )  # [num_seqs, num_heads, 1, head_dim]
-    return out.squeeze(2)
+    num_seqs, num_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    num_pages = -(-int(context_lens.max()) // block_size)
+    width = num_pages * block_size
+    tables = block_tables[:, :num_pages].reshape(-1)  # [num_seqs * num_pages]; index_select takes int32
+    page_shape = (num_seqs, num_pages, num_kv_heads, block_size, head_dim)
+    keys = k_cache.index_select(0, tables).view(page_shape)
+    values = v_cache.index_select(0, tables).view(page_shape)
+    qg = q.view(num_seqs, 1, num_kv_heads, group, head_dim)  # [num_seqs, 1, num_kv_heads, group, head_dim]
+    scores = torch.matmul(qg, keys.transpose(-1, -2))  # [num_seqs, num_pages, num_kv_heads, group, block_size]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, group, width).mul_(scale)
+    if width != int(context_lens.min()):  # positions past a sequence's context (its last page's tail) get -inf
+        is_past = torch.arange(width) >= context_lens[:, None]  # [num_seqs, width]
+        scores.masked_fill_(is_past[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(num_seqs, num_kv_heads, group, num_pages, block_size)
+    probs = probs.permute(0, 3, 1, 2, 4)  # [num_seqs, num_pages, num_kv_heads, group, block_size]
+    out = torch.matmul(probs, values).sum(dim=1)  # [num_seqs, num_kv_heads, group, head_dim]
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def paged_prefill_attention(
