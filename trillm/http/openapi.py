@@ -154,6 +154,30 @@ def _apply_limits(components: dict[str, Any], limits: RequestLimits) -> None:
             member.update({k: v for k, v in keywords.items() if member.get("type") in applies_to[k]})
 
 
+# Shape rules the validator enforces (validation._cross_checks) that the attrs classes cannot state: stated here so that
+# a request the document allows is one the server accepts. (schema, property, keywords for its array members)
+_SHAPE_RULES = (
+    ("ChatCompletionRequest", "messages", {"minItems": 1}),
+    ("CompletionRequest", "prompt", {"minItems": 1}),
+    ("InteractiveRequest", "prompt", {"minItems": 1}),
+)
+
+
+def _apply_shape_rules(components: dict[str, Any]) -> None:
+    for schema, name, keywords in _SHAPE_RULES:
+        prop = components[schema]["properties"][name]
+        for member in prop.get("anyOf", [prop]):
+            if member.get("type") == "array":
+                member.update(keywords)
+                if member.get("items", {}).get("type") == "array":  # a list of token-id lists: none empty
+                    member["items"].update(keywords)
+    for schema in ("ChatCompletionRequest", "CompletionRequest", "InteractiveRequest"):
+        for member in components[schema]["properties"]["stop"].get("anyOf", []):  # stop strings are not empty
+            target = member.get("items", member) if member.get("type") == "array" else member
+            if target.get("type") == "string":
+                target["minLength"] = 1
+
+
 def _mark_int64(schema: Any) -> None:
     """`format: int64` on every integer that may pass 2^31 - 1 (session ids, seeds, timestamps, counts).
 
@@ -182,6 +206,7 @@ def build_document(*, is_auth_required: bool, limits: RequestLimits | None = Non
     refs = dict(zip(classes, refs_list))
     _apply_exact_forms(classes, components)
     _apply_limits(components, limits or RequestLimits())
+    _apply_shape_rules(components)
     _mark_int64(components)
     paths: dict[str, Any] = {}
     for route in _ROUTES:
