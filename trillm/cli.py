@@ -314,7 +314,8 @@ async def serve(config: ServerConfig) -> None:
             what = "API docs" if not config.disable_docs else "API"
             print(f"trillm: serving {engine.model_name} at {url} -- open {browser_url} in a browser for the "
                   f"{what}", flush=True)
-    if not engine.is_alive:  # the server stopped because the engine failed: exit non-zero, saying why
+    # the server stopped because the engine failed: exit non-zero, saying why (is_alive is False after any close)
+    if engine.failure is not None or state.failure is not None:
         raise EngineDeadError(f"the engine failed while serving: {state.failure_reason()}")
 
 
