@@ -214,6 +214,22 @@ def test_previous_token_placeholders_decode_exactly_like_explicit_tokens(runner:
     assert placeholders == explicit
 
 
+def test_chained_launches_decode_exactly_like_explicit_tokens(runner: ModelRunner) -> None:
+    """Each plan launched before the previous one finished: its PREVIOUS_TOKEN comes from the previous draw in place."""
+    explicit = _explicit_tokens(runner, 6)
+    plans = _overlapped_plans(6)
+    tokens = []
+    pending = runner.launch(plans[0])
+    for plan in plans[1:]:
+        assert runner.can_chain(plan, pending)
+        launched = runner.launch(plan, pending)
+        assert launched.inputs.deferred_positions == (0,) and launched.inputs.deferred_rows == (0,)
+        tokens.append(runner.finish(pending).sampled[0].token_id)
+        pending = launched
+    tokens.append(runner.finish(pending).sampled[0].token_id)
+    assert tokens == explicit
+
+
 def test_previous_token_needs_a_sample_in_the_previous_plan(runner: ModelRunner) -> None:
     first, second, _ = _overlapped_plans(3)
     runner.step(first)

@@ -17,7 +17,7 @@ substitute the same id is in `gpu/runner.py`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import numpy as np
@@ -44,6 +44,10 @@ class StepInputs:
     specs: tuple[SampleSpec, ...]
     sample_seq_ids: tuple[int, ...]
     graph_rows: int = 0  # > 0: replay the decode graph of this many rows instead of running the model
+    # Chained steps: input_ids[deferred_positions[i]] must become the previous step's sampled token of row
+    # deferred_rows[i] (still on the device); the builder wrote 0 there.
+    deferred_positions: tuple[int, ...] = ()
+    deferred_rows: tuple[int, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -105,6 +109,9 @@ class BatchInputBuilder:
         self.block_size, self.max_model_len, self.vocab_size = block_size, max_model_len, vocab_size
         self.is_random, self.device = is_random, device
         self._last_sampled: dict[int, int] = {}  # seq_id → its token from the latest plan that sampled it
+        self._chain_rows: Mapping[int, int] = {}  # prepare's `chained_from`: seq_id → row of the previous draw
+        self._deferred_positions: list[int] = []
+        self._deferred_rows: list[int] = []
         self._upload: PinnedUpload | None = None
         self.decode_buffers: DecodeInputBuffers | None = None  # the inputs every decode graph reads
         self._graphs: DecodeGraphs | None = None
@@ -147,6 +154,18 @@ class BatchInputBuilder:
             ValueError: a placeholder for a sequence the previous plans did not sample, or an id outside the vocab.
         """
         last = self._last_sampled
+        deferred = self._chain_rows
+        self._deferred_positions, self._deferred_rows = [], []
+        if deferred:  # a chained step: the previous step's samples are still on the device
+            last = dict(last)
+            position = 0
+            for s in plan.seqs:
+                row = deferred.get(s.seq_id)
+                if row is not None and PREVIOUS_TOKEN in s.token_ids:
+                    self._deferred_positions.append(position + s.token_ids.index(PREVIOUS_TOKEN))
+                    self._deferred_rows.append(row)
+                    last[s.seq_id] = 0
+                position += len(s.token_ids)
         try:
             input_ids = np.fromiter(
                 (last[s.seq_id] if t == PREVIOUS_TOKEN else t for s in plan.seqs for t in s.token_ids),
@@ -193,12 +212,22 @@ class BatchInputBuilder:
             sample_rows=np.asarray(sample_rows, dtype=np.int64),
         )
 
-    def prepare(self, plan: StepPlan) -> StepInputs:
+    def prepare(self, plan: StepPlan, chained_from: Mapping[int, int] | None = None) -> StepInputs:
         """Flatten a plan's SeqSteps into device tensors (host work in numpy, then one copy on CUDA).
 
         On CUDA a decode-only plan fills the static decode buffers: the inputs it returns are only valid until the
-        next `prepare` of a decode plan.
+        next `prepare` of a decode plan. `chained_from` (seq_id → row of the previous step's draw) names sequences
+        whose PREVIOUS_TOKEN is not on the host yet: their positions come back in `deferred_positions` and
+        `deferred_rows`, holding 0 until the caller copies the device-side token in.
         """
+        self._chain_rows = chained_from or {}
+        inputs = self._prepare(plan)
+        if self._deferred_positions:
+            inputs = attrs.evolve(inputs, deferred_positions=tuple(self._deferred_positions),
+                                  deferred_rows=tuple(self._deferred_rows))
+        return inputs
+
+    def _prepare(self, plan: StepPlan) -> StepInputs:
         if not plan.seqs:
             raise ValueError("a StepPlan needs at least one SeqStep")
         specs = tuple(s.sample for s in plan.seqs if s.sample is not None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -45,6 +46,28 @@ def recv_message(sock: socket.socket, decoder: FrameDecoder) -> Any:
         if not chunk:
             raise EOFError("the serving process closed the socket")
         decoder.feed(chunk)
+    return message
+
+
+POLL_S = 50e-6  # while a step runs: how long one wait for the next plan lasts before the step is checked again
+
+
+def _recv_unless_done(sock: socket.socket, decoder: FrameDecoder, pending: Any) -> Any:
+    """The next message, or None as soon as `pending` (a LaunchedStep) has finished on the device without one.
+
+    Step chaining: with step overlap the serving process sends plan N+1 while the rank still runs N, so the rank
+    waits here for N+1 while N runs and launches it behind N (`ModelRunner.launch`), keeping the GPU busy through
+    the host's turn-around between steps. A step that finishes first is answered at once, so no plan waits on it.
+    """
+    while (message := decoder.next_message()) is None:
+        if pending.is_done():
+            return None
+        readable, _, _ = select.select([sock], [], [], POLL_S)
+        if readable:
+            chunk = sock.recv(max(READ_CHUNK_BYTES, decoder.num_missing_bytes))
+            if not chunk:
+                raise EOFError("the serving process closed the socket")
+            decoder.feed(chunk)
     return message
 
 
@@ -83,12 +106,26 @@ def _serve(config: RunnerConfig, sock: socket.socket) -> int:
             vocab_size=runner.vocab_size,
         )
         send_message(sock, ready)
+        pending = None  # a launched step whose result is not sent yet
         while True:
-            msg = recv_message(sock, decoder)
+            msg = recv_message(sock, decoder) if pending is None else _recv_unless_done(sock, decoder, pending)
             match msg:
+                case None:  # the pending step finished before the next plan came
+                    assert pending is not None
+                    send_message(sock, runner.finish(pending))
+                    pending = None
                 case StepPlan():
-                    send_message(sock, runner.step(msg))
+                    if pending is not None and runner.can_chain(msg, pending):
+                        launched = runner.launch(msg, pending)  # queued behind the pending step on the device
+                        send_message(sock, runner.finish(pending))
+                    else:
+                        if pending is not None:
+                            send_message(sock, runner.finish(pending))
+                        launched = runner.launch(msg)
+                    pending = launched
                 case Shutdown():
+                    if pending is not None:
+                        send_message(sock, runner.finish(pending))
                     log.info("rank %d shutting down", config.rank)
                     return 0
                 case _:

@@ -21,11 +21,13 @@ and no extra message or collective per step.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 
 from trillm.config import RunnerConfig
@@ -36,7 +38,7 @@ from trillm.gpu.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from trillm.gpu.kv_cache import allocate_kv_cache
 from trillm.gpu.model_builder import DTYPES, build_model, read_model_args, select_ops
 from trillm.gpu.prompt_logprobs import score_prompts
-from trillm.gpu.sampling import sample
+from trillm.gpu.sampling import PendingSample, sample_on_device
 from trillm.structured.matchers import GrammarMatchers
 from trillm.models.layers import AttnMeta
 from trillm.models.presets import RANDOM_PREFIX
@@ -44,6 +46,31 @@ from trillm.protocol.api import SamplingParams
 from trillm.protocol.step import PromptLogprobs, SampleSpec, SampledToken, SeqStep, StepPlan, StepResult
 
 log = logging.getLogger(__name__)
+
+CHAINING = os.environ.get("TRILLM_RANK_CHAINING", "1") != "0"
+
+
+def _to_device(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int64 `values` on `device` without a host sync (pinned, non-blocking: a pageable copy would wait for the GPU)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+@attrs.define
+class LaunchedStep:
+    """A step whose device work is enqueued (`ModelRunner.launch`) and whose tokens are not yet on the host."""
+
+    plan: StepPlan
+    inputs: StepInputs
+    drawn: PendingSample | None  # None: nothing in the step samples
+    grammar_mask: tuple[torch.Tensor, torch.Tensor] | None
+    scored: tuple[PromptLogprobs, ...]
+    done: Any  # torch.cuda.Event recorded after the step's work, or None on CPU
+    start: float
+
+    def is_done(self) -> bool:
+        """Whether the device has finished the step (always on CPU, where launching ran it)."""
+        return self.done is None or bool(self.done.query())
 
 WARM_UP_TOKENS = 128  # prompt length of the start-up warm-up prefill
 
@@ -207,9 +234,39 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepResult:
         """Run one StepPlan; rank 0 returns the sampled tokens in plan order, other ranks an empty acknowledgement."""
+        return self.finish(self.launch(plan))
+
+    def can_chain(self, plan: StepPlan, previous: LaunchedStep) -> bool:
+        """Whether `plan` may be launched before `previous` finishes: its PREVIOUS_TOKENs then come from the device.
+
+        Not with grammars in either step: a matcher must consume a step's token on the host before it can mask the
+        next (structured/matchers.py). TRILLM_RANK_CHAINING=0 turns chaining off.
+        """
+        if not CHAINING or previous.drawn is None:
+            return False
+        if self.grammars is None:
+            return True
+        return previous.grammar_mask is None and all(
+            s.sample is None or s.sample.sampling.grammar is None for s in plan.seqs
+        )
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Enqueue a step's device work (inputs, forward, sampling) without waiting for it; `finish` collects it.
+
+        With `previous` (a launched step not finished yet, `can_chain` true) the plan's PREVIOUS_TOKENs for the
+        sequences `previous` sampled are copied from its draw on the device, so the device runs the two steps back to
+        back while the host is still turning the first one's tokens into a StepResult.
+        """
         start = time.perf_counter()
         self.inputs.forget_absent_sequences(plan)
-        inputs = self.prepare(plan)
+        chained = None if previous is None else {seq_id: row for row, seq_id in enumerate(previous.inputs.sample_seq_ids)}
+        inputs = self.inputs.prepare(plan, chained)
+        if inputs.deferred_positions:
+            assert previous is not None and previous.drawn is not None
+            device = inputs.input_ids.device
+            positions, rows = (_to_device(values, device) for values in (inputs.deferred_positions, inputs.deferred_rows))
+            inputs.input_ids[positions] = previous.drawn.token_ids[rows].to(inputs.input_ids.dtype)
         hidden = self._forward_hidden(inputs)
         grammar_mask = None
         if self.grammars is not None:  # host work while the device runs the forward (structured/matchers.py)
@@ -219,10 +276,21 @@ class ModelRunner:
         if self.rank == 0 and any(seq.prompt_logprobs is not None for seq in plan.seqs):
             scored = score_prompts(plan, hidden, self.model.compute_logits)
         logits = self._sampled_logits(inputs, hidden)
+        drawn = None if logits is None else sample_on_device(logits, inputs.specs, grammar_mask)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record()
+        return LaunchedStep(plan=plan, inputs=inputs, drawn=drawn, grammar_mask=grammar_mask, scored=scored,
+                            done=done, start=start)  # fmt: skip
+
+    def finish(self, launched: LaunchedStep) -> StepResult:
+        """Wait for a launched step's tokens (the host sync) and answer it."""
         sampled: tuple[SampledToken, ...] = ()
-        if logits is not None:
-            drawn = sample(logits, inputs.specs, grammar_mask)
-            if grammar_mask is not None:
+        inputs = launched.inputs
+        if launched.drawn is not None:
+            drawn = launched.drawn.results()
+            if launched.grammar_mask is not None:
                 assert self.grammars is not None
                 self.grammars.commit(inputs.sample_seq_ids, inputs.specs, [token_id for token_id, _ in drawn])
             self.inputs.remember_sampled(inputs.sample_seq_ids, drawn)
@@ -231,8 +299,8 @@ class ModelRunner:
                     SampledToken(seq_id=seq_id, token_id=token_id, logprob=logprob)
                     for seq_id, (token_id, logprob) in zip(inputs.sample_seq_ids, drawn, strict=True)
                 )
-        return StepResult(step_id=plan.step_id, sampled=sampled, elapsed_s=time.perf_counter() - start,
-                          prompt_logprobs=scored)
+        return StepResult(step_id=launched.plan.step_id, sampled=sampled,
+                          elapsed_s=time.perf_counter() - launched.start, prompt_logprobs=launched.scored)
 
     def close(self) -> None:
         """Drop the graphs, model and caches and leave the tensor-parallel group."""

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import attrs
 import numpy as np
 import torch
 
@@ -63,10 +64,38 @@ def sample(
 
     `grammar_mask` (from `GrammarMatchers.fill`) restricts the listed rows to the tokens whose bit is set.
     """
+    return sample_on_device(logits, specs, grammar_mask).results()
+
+
+@attrs.define
+class PendingSample:
+    """A step's draw, enqueued on the device and not yet copied back: `token_ids` can feed the next step's inputs on
+    the device (rank step chaining) before `results()` waits for the one copy to the host."""
+
+    token_ids: torch.Tensor  # [num_seqs] int64 on the logits' device
+    _packed: torch.Tensor | None  # float64: the token ids, then each logprob row's record (see _pack_logprobs)
+    _wanted: list[int]
+    _max_k: int
+    _specs: Sequence[SampleSpec]
+    _vocab_size: int
+
+    def results(self) -> list[tuple[int, TokenLogprob | None]]:
+        """(token id, logprobs or None) per row, in row order: the host sync."""
+        if self._packed is None:
+            return [(token_id, None) for token_id in self.token_ids.tolist()]
+        return _unpack_logprobs(self._packed.tolist(), self._wanted, self._max_k, self._specs, self._vocab_size)
+
+
+def sample_on_device(
+    logits: torch.Tensor,  # [num_seqs, vocab] float32 (any device)
+    specs: Sequence[SampleSpec],
+    grammar_mask: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> PendingSample:
+    """`sample`'s device work, without the copy to the host (no sync on CUDA)."""
     num_seqs, vocab_size = logits.shape
     assert num_seqs == len(specs), f"{num_seqs} logit rows for {len(specs)} specs"
     if num_seqs == 0:
-        return []
+        return PendingSample(torch.empty(0, dtype=torch.int64, device=logits.device), None, [], 0, specs, vocab_size)
     logits = logits.to(torch.float32, copy=True)  # [num_seqs, vocab]; never modify the caller's tensor
     _apply_logit_bias(logits, specs)
     _apply_penalties(logits, specs)
@@ -79,7 +108,7 @@ def sample(
     if random_rows:
         rows = _on_device(random_rows, torch.int64, logits.device)
         token_ids[rows] = _draw(logits[rows], [specs[i] for i in random_rows])
-    return _to_host(logits, token_ids, specs)
+    return _pack_logprobs(logits, token_ids, specs)
 
 
 def _host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -282,16 +311,16 @@ def _gumbel_noise(specs: Sequence[SampleSpec], vocab_size: int, device: torch.de
     return noise.clamp_min_(_TINY).log_().neg_()
 
 
-def _to_host(
+def _pack_logprobs(
     logits: torch.Tensor,  # [num_seqs, vocab] processed logits
     token_ids: torch.Tensor,  # [num_seqs] int64
     specs: Sequence[SampleSpec],
-) -> list[tuple[int, TokenLogprob | None]]:
-    """Copy the tokens (and the logprobs asked for) to the host in one transfer and build the results."""
+) -> PendingSample:
+    """Gather the tokens and the logprobs asked for into one device buffer, so one transfer brings them back."""
+    vocab_size = logits.shape[1]
     wanted = [i for i, spec in enumerate(specs) if spec.sampling.logprobs is not None]
     if not wanted:
-        return [(token_id, None) for token_id in token_ids.tolist()]
-    vocab_size = logits.shape[1]
+        return PendingSample(token_ids, None, [], 0, specs, vocab_size)
     max_k = min(max(specs[i].sampling.logprobs or 0 for i in wanted), vocab_size)
     rows = _on_device(wanted, torch.int64, logits.device)
     logprobs = logits[rows].log_softmax(dim=-1)  # [wanted, vocab]
@@ -300,7 +329,13 @@ def _to_host(
     # One float64 buffer (exact for ids below 2**53): token ids, then per wanted row [chosen, ids..., values...].
     packed = torch.cat(
         [token_ids.to(torch.float64), torch.cat([chosen.double(), top_ids.double(), top_values.double()], 1).flatten()]
-    ).tolist()
+    )
+    return PendingSample(token_ids, packed, wanted, max_k, specs, vocab_size)
+
+
+def _unpack_logprobs(
+    packed: list[float], wanted: list[int], max_k: int, specs: Sequence[SampleSpec], vocab_size: int
+) -> list[tuple[int, TokenLogprob | None]]:
     num_seqs = len(specs)
     results: list[tuple[int, TokenLogprob | None]] = [(int(t), None) for t in packed[:num_seqs]]
     width = 1 + 2 * max_k
