@@ -214,8 +214,9 @@ def test_previous_token_placeholders_decode_exactly_like_explicit_tokens(runner:
     assert placeholders == explicit
 
 
-def test_chained_launches_decode_exactly_like_explicit_tokens(runner: ModelRunner) -> None:
+def test_chained_launches_decode_exactly_like_explicit_tokens(runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each plan launched before the previous one finished: its PREVIOUS_TOKEN comes from the previous draw in place."""
+    monkeypatch.setattr("trillm.gpu.runner.CHAINING", True)
     explicit = _explicit_tokens(runner, 6)
     plans = _overlapped_plans(6)
     tokens = []
@@ -240,9 +241,14 @@ def test_previous_token_needs_a_sample_in_the_previous_plan(runner: ModelRunner)
 
 
 @pytest.mark.slow
-def test_tensor_parallel_3_ranks_substitute_placeholders_identically() -> None:
-    """Every rank samples (rank 0 alone reports): placeholders decode as explicit tokens over gloo, seeded draws too."""
+@pytest.mark.parametrize("chaining", ["0", "1"])
+def test_tensor_parallel_3_ranks_substitute_placeholders_identically(chaining: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank samples (rank 0 alone reports): placeholders decode as explicit tokens over gloo, seeded draws too,
+    and with TRILLM_RANK_CHAINING=1 (the ranks launch each queued plan behind the running one) as well."""
     from test_rank import RankHandle, _free_port
+
+    monkeypatch.setenv("TRILLM_RANK_CHAINING", chaining)  # read by the rank processes started below
 
     explicit = _explicit_tokens(ModelRunner(_config()), 5)
     init_method = f"tcp://127.0.0.1:{_free_port()}"

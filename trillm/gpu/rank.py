@@ -91,6 +91,7 @@ def rank_main(config: RunnerConfig, sock: socket.socket) -> None:
 
 
 def _serve(config: RunnerConfig, sock: socket.socket) -> int:
+    CHAINING = os.environ.get("TRILLM_RANK_CHAINING", "0") == "1"  # runner.CHAINING, without importing torch here
     runner = None
     decoder = FrameDecoder()
     try:
@@ -109,6 +110,9 @@ def _serve(config: RunnerConfig, sock: socket.socket) -> int:
         pending = None  # a launched step whose result is not sent yet
         while True:
             msg = recv_message(sock, decoder) if pending is None else _recv_unless_done(sock, decoder, pending)
+            if not CHAINING and isinstance(msg, StepPlan):  # the default: one step at a time
+                send_message(sock, runner.step(msg))
+                continue
             match msg:
                 case None:  # the pending step finished before the next plan came
                     assert pending is not None

@@ -47,7 +47,10 @@ from trillm.protocol.step import PromptLogprobs, SampleSpec, SampledToken, SeqSt
 
 log = logging.getLogger(__name__)
 
-CHAINING = os.environ.get("TRILLM_RANK_CHAINING", "1") != "0"
+# Step chaining (launch N+1 behind N before N's tokens reach the host) is off unless TRILLM_RANK_CHAINING=1: on two
+# H200s it doubled batch-1 inter-token latency through the engine (4.67 → 9.59 ms at tp=1, 3.52 → 7.28 at tp=2;
+# bench/results/nvidia-h200-x2-chaining-2026-11-26-cd2eade.log) while its tokens stayed exact; not yet understood.
+CHAINING = os.environ.get("TRILLM_RANK_CHAINING", "0") == "1"
 
 
 def _to_device(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -240,7 +243,7 @@ class ModelRunner:
         """Whether `plan` may be launched before `previous` finishes: its PREVIOUS_TOKENs then come from the device.
 
         Not with grammars in either step: a matcher must consume a step's token on the host before it can mask the
-        next (structured/matchers.py). TRILLM_RANK_CHAINING=0 turns chaining off.
+        next (structured/matchers.py). Off unless TRILLM_RANK_CHAINING=1 (see CHAINING).
         """
         if not CHAINING or previous.drawn is None:
             return False
