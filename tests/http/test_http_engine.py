@@ -143,7 +143,8 @@ def test_busy_session_cancel_and_overlong_turn(server: LiveServer, http: httpx.C
                                                        "interactive_mode": True})
     assert too_long.status_code == 400
     error = too_long.json()["error"]
-    assert error["code"] == "context_length_exceeded" and "end this session" in error["message"] and "session_id -1" in error["message"]
+    assert error["code"] == "context_length_exceeded"
+    assert "end this session" in error["message"] and "session_id -1" in error["message"]
     http.post("/v1/chat/interactive", json={"prompt": "", "session_id": 8, "request_output_len": 0})
 
 
