@@ -174,8 +174,22 @@ def test_greedy_tokens_match_transformers(tiny_models: dict[str, tuple[Any, str]
     model, folder = tiny_models[name]
     expected = [hf_greedy(model, prompt, 12) for prompt in PROMPTS]
     runner = make_runner(folder)
-    assert greedy_generate(runner, PROMPTS, 12) == expected
-    assert greedy_generate(make_runner(folder), PROMPTS, 12, prefill_chunk=5) == expected
+    assert_same_greedy(model, greedy_generate(runner, PROMPTS, 12), expected)
+    assert_same_greedy(model, greedy_generate(make_runner(folder), PROMPTS, 12, prefill_chunk=5), expected)
+
+
+def assert_same_greedy(model: Any, ours: list[list[int]], expected: list[list[int]]) -> None:
+    """Equal greedy tokens, except after a step where transformers' own top two logits tie within float32 noise
+    (random weights make such ties possible; which side of one a run lands on depends on the reduction order)."""
+    assert len(ours) == len(expected)
+    for prompt, got, want in zip(PROMPTS, ours, expected, strict=True):
+        if got == want:
+            continue
+        i = next(k for k, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+        with torch.no_grad():
+            logits = model(torch.tensor([list(prompt) + want[:i]])).logits[0, -1].float()
+        first, second = logits.topk(2).values.tolist()
+        assert first - second < 1e-4 * max(1.0, abs(first)), f"diverged at token {i} without a tie: {got} vs {want}"
 
 
 @pytest.mark.slow
