@@ -153,6 +153,14 @@ def completion(client: httpx.Client, index: int) -> httpx.Response:
                                                 "max_tokens": 4})
 
 
+def completion_status(client: httpx.Client, index: int) -> int:
+    """The status of one completion, 0 when the connection broke mid-answer."""
+    try:
+        return completion(client, index).status_code
+    except httpx.RemoteProtocolError:
+        return 0
+
+
 def run_session(url: str, session_id: int) -> list[dict[str, Any]]:
     """Three turns of one session, one after the other; the answers."""
     answers = []
@@ -234,11 +242,13 @@ def test_a_killed_replica_fails_only_its_sessions_and_loudly(cluster: RunningClu
     assert on_replica_1 > 0
     statuses: list[int] = []
     with httpx.Client(base_url=cluster.url, timeout=30) as client, ThreadPoolExecutor(16) as pool:
-        load = pool.map(lambda i: completion(client, i).status_code, range(NUM_STATELESS))
+        load = pool.map(lambda i: completion_status(client, i), range(NUM_STATELESS))
         time.sleep(0.2)  # requests are in flight on both replicas
         os.kill(cluster.replica_pids[1], signal.SIGKILL)
         statuses = list(load)
-        assert statuses == [200] * NUM_STATELESS  # retried on replica 2 when replica 1 vanished
+        # Retried on replica 2 when replica 1 vanished; only a request whose answer replica 1 had begun to send
+        # when it died can be lost (a balancer cannot retry a response it has started to forward): 0 here.
+        assert set(statuses) <= {200, 0} and statuses.count(0) <= 2, statuses
         answers = {sid: turn(client, sid, "one more turn") for sid in ALL_SESSION_IDS}
     gone = {sid: r for sid, r in answers.items() if r.status_code != 200}
     assert len(gone) == on_replica_1  # exactly replica 1's sessions
