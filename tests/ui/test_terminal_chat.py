@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def test_two_turns_a_ctrl_c_end_and_exit_through_a_pty(slow_server: LiveServer, 
         assert after_turn_3 is not None and (after_turn_3 - after_turn_2) - (after_turn_2 - after_turn_1) > 10
         # Ctrl-C while typing drops the input, not the chat
         child.send("half a thought")
+        child.expect_exact("half a thought")  # echoed: the chat is reading its input line, not still printing
+        time.sleep(0.2)
         child.sendintr()
         child.expect_exact("[input dropped; type `exit` to quit]")
         child.expect_exact(">>> ")
