@@ -91,11 +91,10 @@ def rank_main(config: RunnerConfig, sock: socket.socket) -> None:
 
 
 def _serve(config: RunnerConfig, sock: socket.socket) -> int:
-    CHAINING = os.environ.get("TRILLM_RANK_CHAINING", "0") == "1"  # runner.CHAINING, without importing torch here
     runner = None
     decoder = FrameDecoder()
     try:
-        from trillm.gpu.runner import ModelRunner
+        from trillm.gpu.runner import CHAINING, ModelRunner
 
         _configure_threads(config)
         runner = ModelRunner(config)
