@@ -114,3 +114,17 @@ def test_other_dtypes_take_the_reference_path() -> None:
     g = _generator(3)
     x, weight = torch.randn(4, 32, generator=g, dtype=torch.float64), torch.randn(32, generator=g, dtype=torch.float64)
     assert torch.equal(cpu_ops.rms_norm(x, weight, 1e-5)[0], reference.rms_norm(x, weight, 1e-5)[0])
+
+
+def test_rotary_follows_a_new_cos_sin_cache_at_a_freed_caches_address() -> None:
+    """A runner's cos/sin cache freed and another (another rope scaling) allocated at its address, with its shape:
+    the rotary tables cached per cache must follow the new one (CI once got the old runner's rotation)."""
+    positions, x = torch.arange(7) + 40, torch.randn(7, 2, HEAD_DIM, generator=_generator(5))
+    first = _cos_sin()
+    cpu_ops.apply_rotary(x, positions, first)  # caches first's table
+    scaled = build_cos_sin_cache(head_dim=HEAD_DIM, rope_theta=1e5, rope_scaling=(("factor", 2.0), ("rope_type", "linear")),
+                                 max_positions=512, device=torch.device("cpu"))  # fmt: skip
+    second = torch.empty(0).set_(first.untyped_storage(), 0, first.shape, first.stride())  # same address and shape
+    second.copy_(scaled)
+    assert second.data_ptr() == first.data_ptr() and second is not first
+    assert torch.equal(cpu_ops.apply_rotary(x, positions, second), reference.apply_rotary(x, positions, scaled))

@@ -22,6 +22,7 @@ prefill sequence over gathered pages. Here:
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,9 @@ from trillm.gpu import reference
 
 log = logging.getLogger(__name__)
 
-_ROTARY_TABLES: dict[tuple[int, int, int], torch.Tensor] = {}  # (data_ptr, rows, cols) → [rows, 2, cols] table
+# id(cos/sin cache) → (weak reference to that cache, its [rows, 2, cols] table). Keyed by the tensor object, not its
+# address: a freed runner's cache and a new one (another rope scaling) can share an address and a shape.
+_ROTARY_TABLES: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
 MAX_ROTARY_TABLES = 4  # a rank has one cos/sin cache; tests build a few
 
 
@@ -76,14 +79,14 @@ def fused_linear(
 
 def _rotary_table(cos_sin_cache: torch.Tensor) -> torch.Tensor:  # [max_positions, 2, rotary_dim]
     """[cos, cos] and [-sin, sin] per position, so that rotate-half becomes x * c + roll(x) * s."""
-    key = (cos_sin_cache.data_ptr(), *cos_sin_cache.shape)
-    table = _ROTARY_TABLES.get(key)
-    if table is None:
-        if len(_ROTARY_TABLES) >= MAX_ROTARY_TABLES:
-            _ROTARY_TABLES.clear()
-        cos, sin = cos_sin_cache.float().chunk(2, dim=-1)  # [max_positions, rot/2] each
-        table = torch.stack((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), dim=1).contiguous()
-        _ROTARY_TABLES[key] = table
+    cached = _ROTARY_TABLES.get(id(cos_sin_cache))
+    if cached is not None and cached[0]() is cos_sin_cache:
+        return cached[1]
+    if len(_ROTARY_TABLES) >= MAX_ROTARY_TABLES:
+        _ROTARY_TABLES.clear()
+    cos, sin = cos_sin_cache.float().chunk(2, dim=-1)  # [max_positions, rot/2] each
+    table = torch.stack((torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)), dim=1).contiguous()
+    _ROTARY_TABLES[id(cos_sin_cache)] = (weakref.ref(cos_sin_cache), table)
     return table
 
 
