@@ -122,8 +122,9 @@ def test_rotary_follows_a_new_cos_sin_cache_at_a_freed_caches_address() -> None:
     positions, x = torch.arange(7) + 40, torch.randn(7, 2, HEAD_DIM, generator=_generator(5))
     first = _cos_sin()
     cpu_ops.apply_rotary(x, positions, first)  # caches first's table
-    scaled = build_cos_sin_cache(head_dim=HEAD_DIM, rope_theta=1e5, rope_scaling=(("factor", 2.0), ("rope_type", "linear")),
-                                 max_positions=512, device=torch.device("cpu"))  # fmt: skip
+    linear = (("factor", 2.0), ("rope_type", "linear"))
+    scaled = build_cos_sin_cache(head_dim=HEAD_DIM, rope_theta=1e5, rope_scaling=linear, max_positions=512,
+                                 device=torch.device("cpu"))  # fmt: skip
     second = torch.empty(0).set_(first.untyped_storage(), 0, first.shape, first.stride())  # same address and shape
     second.copy_(scaled)
     assert second.data_ptr() == first.data_ptr() and second is not first
