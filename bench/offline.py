@@ -150,6 +150,7 @@ def run_engine(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         session_len=args.session_len,
         tp=args.tp,
+        deterministic=args.deterministic,
     )
     if args.no_overlap:
         config = attrs.evolve(config, enable_overlap=False)
@@ -165,7 +166,8 @@ def run_engine(args: argparse.Namespace) -> None:
 
     device_name, results = trio.run(main)
     overlap = getattr(config, "enable_overlap", False)
-    path = write_results(f"offline-engine-tp{args.tp}-{'overlap' if overlap else 'lockstep'}", device_name,
+    mode = ("det-" if args.deterministic else "") + ("overlap" if overlap else "lockstep")
+    path = write_results(f"offline-engine-tp{args.tp}-{mode}", device_name,
                          {"mode": "engine", "model": args.model, "dtype": args.dtype, "overlap": overlap, "tp": args.tp,
                           "results": results}, out_dir=args.out_dir, commit=args.git_commit)
     print(f"# engine throughput, {args.model} on {device_name}, tp {args.tp}, step overlap {'on' if overlap else 'off'} "
@@ -325,7 +327,7 @@ def run_steps(args: argparse.Namespace) -> None:
         block_size=args.block_size, max_model_len=max(max_context, args.prefill_len + 8),
         max_batch_size=max(args.batch), max_prefill_token_num=args.max_prefill_tokens,
         cache_max_entry_count=args.cache_fraction, cpu_memory_budget_bytes=8 << 30,
-        enable_cuda_graph=not args.no_cuda_graph,
+        enable_cuda_graph=not args.no_cuda_graph, deterministic=args.deterministic,
     )
     if args.blas != "default":
         torch.backends.cuda.preferred_blas_library(args.blas)
@@ -399,8 +401,10 @@ def run_steps(args: argparse.Namespace) -> None:
     runner.close()
 
     mode = ("graphs" if graph_sizes else "eager") + ("" if args.blas == "default" else f"-{args.blas}")
+    mode += "-det" if args.deterministic else ""
     payload = {
         "mode": "steps", "model": args.model, "dtype": dtype, "block_size": args.block_size, "blas": args.blas,
+        "deterministic": args.deterministic,
         "cuda_graphs": bool(graph_sizes), "runner_init_s": init_s, "graph_capture_s": capture_s,
         "graph_batch_sizes": list(graph_sizes), "num_kv_blocks": runner.layout.num_blocks, "results": rows,
     }
@@ -428,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     common.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly")
     common.add_argument("--blas", default="default", choices=["default", "cublas", "cublaslt"],
                         help="torch.backends.cuda.preferred_blas_library for the runner's GEMMs")
+    common.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (--deterministic)")
     common.add_argument("--out-dir", default=None, help="where result files go (default bench/results/)")
     common.add_argument("--git-commit", default=None, help="commit to record (default: git rev-parse)")
     engine = sub.add_parser("engine", parents=[common], help="throughput through the Trio engine")

@@ -15,6 +15,7 @@ import argparse
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -80,6 +81,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "while the GPU runs step N)")
     engine.add_argument("--disable-cuda-graph", dest="enable_cuda_graph", action="store_false", default=None,
                         help="run decode steps eagerly instead of replaying captured CUDA graphs")
+    engine.add_argument("--deterministic", action="store_true", default=None,
+                        help="batch-invariant kernels: a request gives the same tokens and logprobs whatever else "
+                             "the server runs (alone or batched, prefix cache hit or not, after a preemption); "
+                             "costs some speed, see docs/deterministic.md; CUDA, bfloat16/float16 only "
+                             "(default: off, or on when TRILLM_DETERMINISTIC=1)")
     engine.add_argument("--tokenizer", metavar="MODEL",
                         help="use this model's (or folder's) tokenizer instead of MODEL's (default: MODEL's own; "
                              "random:<preset> models use the default model's)")
@@ -228,7 +234,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     Raises:
         ValueError: a value fails the config's validation (the message names the flag).
     """
-    engine = EngineConfig(**_fields(EngineConfig, args))
+    engine_fields = _fields(EngineConfig, args)
+    env_deterministic = os.environ.get("TRILLM_DETERMINISTIC", "").lower() in ("1", "true", "yes", "on")
+    if "deterministic" not in engine_fields and env_deterministic:
+        engine_fields["deterministic"] = True
+    engine = EngineConfig(**engine_fields)
     return ServerConfig(engine=engine, **_fields(ServerConfig, args))
 
 

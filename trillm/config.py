@@ -69,6 +69,7 @@ class EngineConfig:
     max_sessions: int = attrs.field(default=4096, validator=_positive)  # interactive sessions held at once
     session_idle_timeout_s: float = attrs.field(default=3600.0, validator=_non_negative)  # idle session end; 0: never
     step_timeout_s: float = attrs.field(default=300.0, validator=_non_negative)  # hung-rank watchdog per step; 0: off
+    deterministic: bool = False  # batch-invariant kernels: a request's tokens never depend on its batch (GPU)
 
     @property
     def served_model_name(self) -> str:
@@ -97,6 +98,7 @@ class RunnerConfig:
     cpu_memory_budget_bytes: int
     enable_cuda_graph: bool
     cpu_threads: int = 0  # torch intra-op threads on a CPU rank; 0: the usable cores // world_size
+    deterministic: bool = False  # the batch-invariant op set (gpu/deterministic_ops.py)
 
 
 @attrs.frozen(kw_only=True)

@@ -102,6 +102,7 @@ def runner_configs(config: EngineConfig, model_path: str, device: str) -> list[R
             cpu_memory_budget_bytes=config.cpu_memory_budget_bytes,
             enable_cuda_graph=config.enable_cuda_graph,
             cpu_threads=config.cpu_threads or 0,
+            deterministic=config.deterministic,
         )
         for rank in range(config.tp)
     ]

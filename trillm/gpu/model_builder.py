@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from trillm.gpu import cpu_ops, kernels, reference
+from trillm.errors import ModelLoadError
+from trillm.gpu import cpu_ops, deterministic_ops, kernels, reference
 from trillm.models.layers import AllReduce, ColumnParallelLinear, RowParallelLinear
 from trillm.models.llama import LlamaArgs, LlamaForCausalLM, checkpoint_shapes
 from trillm.models.loader import check_architecture, iter_safetensors, read_hf_config
@@ -49,8 +50,14 @@ def kernels_support(args: LlamaArgs, dtype: torch.dtype) -> str | None:
     return None
 
 
-def select_ops(args: LlamaArgs, dtype: torch.dtype, device: torch.device) -> Any:
-    """The op set this model runs on `device`: `cpu_ops` on CPU, the kernels package where they fit."""
+def select_ops(args: LlamaArgs, dtype: torch.dtype, device: torch.device, *, deterministic: bool = False) -> Any:
+    """The op set this model runs on `device`: `cpu_ops` on CPU, the kernels package where they fit, the
+    deterministic op set with `deterministic` (ModelLoadError where the kernels cannot run: the mode promises bits)."""
+    if deterministic:
+        unsupported = "a CPU" if device.type == "cpu" else kernels_support(args, dtype)
+        if unsupported is not None:
+            raise ModelLoadError(f"--deterministic needs the CUDA kernels, which do not support {unsupported}")
+        return deterministic_ops
     if device.type == "cpu":
         return cpu_ops
     unsupported = kernels_support(args, dtype)
@@ -110,6 +117,6 @@ def build_model(
     else:
         weights = iter_safetensors(model_path)
     model.load_weights(weights)
-    if device.type == "cuda":
+    if device.type == "cuda" and ops is not deterministic_ops:  # det_linear reads row-major weights
         column_major_weights(model)
     return model.eval()

@@ -31,7 +31,8 @@ import attrs
 import torch
 
 from trillm.config import RunnerConfig
-from trillm.gpu import kernels
+from trillm.gpu import deterministic_ops, kernels
+from trillm.gpu.kernels import deterministic as det_kernels
 from trillm.gpu.batch_inputs import BatchInputBuilder, StepInputs
 from trillm.gpu.comm import Communicator, open_communicator
 from trillm.gpu.cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -93,7 +94,8 @@ class ModelRunner:
         )
         self.is_random = is_random = config.model_path.startswith(RANDOM_PREFIX)
         self.args = read_model_args(config.model_path, is_random=is_random)
-        self.ops = ops if ops is not None else select_ops(self.args, self.dtype, self.device)
+        self.ops = ops if ops is not None else select_ops(self.args, self.dtype, self.device,
+                                                          deterministic=config.deterministic)
         self.max_model_len = min(config.max_model_len, self.args.max_model_len)
         self.model = build_model(
             self.args,
@@ -181,15 +183,15 @@ class ModelRunner:
     def _prepare_cuda(self) -> None:
         """Kernel compilation and (if enabled and possible) decode graph capture over the static decode buffers."""
         cfg, args = self.config, self.args
-        if self.ops is not kernels:
+        if self.ops is not kernels and self.ops is not deterministic_ops:
             return
-        kernels.compile_for_model(
-            self.dtype,
-            head_dim=args.head_dim,
-            num_heads=args.num_heads // cfg.world_size,
-            num_kv_heads=args.num_kv_heads // cfg.world_size,
-            device=self.device,
-        )
+        shape = dict(head_dim=args.head_dim, num_heads=args.num_heads // cfg.world_size,
+                     num_kv_heads=args.num_kv_heads // cfg.world_size)
+        if self.ops is deterministic_ops:
+            kernels.compile_kernels(kernels.kernel_names(self.dtype, **shape)
+                                    + det_kernels.kernel_names(self.dtype, **shape), device=self.device)
+        else:
+            kernels.compile_for_model(self.dtype, **shape, device=self.device)
         if not cfg.enable_cuda_graph:
             return
         # With tensor parallelism the graphs hold the NCCL all-reduces too (NCCL supports stream capture): every rank

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).parent  # the .cu / .cuh sources sit beside this package's modules
 COMPILE_OPTIONS = ("-std=c++17",)
-FAMILIES = ("rms_norm", "activation", "linear", "rotary", "decode_attention", "prefill_attention", "all_reduce")
+FAMILIES = ("rms_norm", "activation", "linear", "rotary", "decode_attention", "prefill_attention", "all_reduce",
+            "deterministic")
 
 
 @functools.cache
