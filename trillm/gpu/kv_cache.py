@@ -22,6 +22,7 @@ from trillm.config import RunnerConfig
 from trillm.errors import ModelLoadError
 from trillm.models.layers import KVCache
 from trillm.models.llama import LlamaArgs
+from trillm.models.sharding import kv_heads_per_rank
 from trillm.protocol.step import KVCacheLayout
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def allocate_kv_cache(
     all_reduce_min: Callable[[int], int],
 ) -> tuple[list[KVCache], KVCacheLayout]:
     """Zeroed (k_cache, v_cache) pairs, one per layer, each [num_blocks, num_kv_heads, block_size, head_dim]."""
-    num_kv_heads = args.num_kv_heads // config.world_size
+    num_kv_heads = kv_heads_per_rank(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                                     world_size=config.world_size)  # replicated KV heads: 1 each, models/sharding.py
     bytes_per_block = 2 * args.num_layers * num_kv_heads * config.block_size * args.head_dim * dtype.itemsize
     if device.type == "cuda":
         torch.cuda.empty_cache()  # weight-loading temporaries go back to the driver before we measure

@@ -8,13 +8,15 @@ the reference ops on the GPU, eagerly (`kernels_support` says why). On CUDA the 
 cuBLAS streams them faster at decode batch sizes.
 
 Weights: a random preset (`random:<name>`) draws its weights on the device from RANDOM_SEED; any other model path is
-a HF-style folder whose safetensors files are streamed into the rank's shards.
+a HF-style folder whose safetensors files are streamed into the rank's shards. Either way each rank reads or draws
+only its own slice of every sharded tensor (models/weights.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,8 +25,9 @@ from trillm.errors import ModelLoadError
 from trillm.gpu import cpu_ops, deterministic_ops, kernels, reference
 from trillm.models.layers import AllReduce, ColumnParallelLinear, RowParallelLinear
 from trillm.models.llama import LlamaArgs, LlamaForCausalLM, checkpoint_shapes
-from trillm.models.loader import check_architecture, iter_safetensors, read_hf_config
-from trillm.models.presets import preset_config, random_weights
+from trillm.models.loader import check_architecture, read_hf_config
+from trillm.models.presets import preset_config
+from trillm.models.weights import WeightSource, iter_checkpoint, iter_random_weights
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +115,12 @@ def build_model(
             )
     finally:
         torch.set_default_dtype(default_dtype)
+    # Lazy sources: each layer reads (or draws) only this rank's slice of a tensor (models/weights.py).
+    weights: Iterable[tuple[str, WeightSource]]
     if is_random:
-        weights = random_weights(checkpoint_shapes(args), device=device, dtype=dtype, seed=RANDOM_SEED)
+        weights = iter_random_weights(checkpoint_shapes(args), device=device, dtype=dtype, seed=RANDOM_SEED)
     else:
-        weights = iter_safetensors(model_path)
+        weights = iter_checkpoint(model_path)
     model.load_weights(weights)
     if device.type == "cuda" and ops is not deterministic_ops:  # det_linear reads row-major weights
         column_major_weights(model)

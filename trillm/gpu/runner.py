@@ -186,7 +186,7 @@ class ModelRunner:
         if self.ops is not kernels and self.ops is not deterministic_ops:
             return
         shape = dict(head_dim=args.head_dim, num_heads=args.num_heads // cfg.world_size,
-                     num_kv_heads=args.num_kv_heads // cfg.world_size)
+                     num_kv_heads=self.layout.num_kv_heads)  # per rank (replicated KV heads: 1)
         if self.ops is deterministic_ops:
             kernels.compile_kernels(kernels.kernel_names(self.dtype, **shape)
                                     + det_kernels.kernel_names(self.dtype, **shape), device=self.device)

@@ -6,7 +6,9 @@ the tensor-parallel group are constructor arguments, and per-step attention meta
 
 Tensor parallelism (Megatron style): a `ColumnParallelLinear` holds a slice of the output rows on each rank (fused
 checkpoint tensors load shard by shard, side by side), a `RowParallelLinear` a slice of the input columns and is
-followed by an all-reduce. `ReplicatedEmbedding` stays whole on every rank (simple; costs vocab × hidden per rank).
+followed by an all-reduce; which slice is `models/sharding.py`'s decision, and each layer reads only that slice of its
+checkpoint tensor (`models/weights.py` sources). `ReplicatedEmbedding` stays whole on every rank (simple; costs
+vocab × hidden per rank).
 `load_sharded_weights` copies HF-named checkpoint tensors into such modules, following an architecture's
 `packed_modules_mapping` (the one place it declares its fusions).
 """
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trillm.errors import ModelLoadError
+from trillm.models.sharding import ShardSlice
+from trillm.models.weights import WeightSource, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -102,31 +106,27 @@ def build_cos_sin_cache(
 class ColumnParallelLinear(nn.Module):
     """y = x Wᵀ with W's output rows split across ranks; shards of fused checkpoint tensors load side by side.
 
-    `shard_sizes` maps a shard id to its full (unsplit) output size, in the order the shards sit in the fused weight.
+    `shards` maps a shard id to this rank's rows of that checkpoint tensor (models/sharding.py decides them: an even
+    split, or a replicated KV head), in the order the shards sit in the fused weight.
     """
 
-    def __init__(
-        self, in_features: int, shard_sizes: dict[str | int, int], *, bias: bool, rank: int, world_size: int
-    ) -> None:
+    def __init__(self, in_features: int, shards: dict[str | int, ShardSlice], *, bias: bool) -> None:
         super().__init__()
-        for shard_id, size in shard_sizes.items():
-            if size % world_size:
-                raise ModelLoadError(
-                    f"tensor parallelism {world_size} does not divide output size {size} (shard {shard_id!r})"
-                )
-        self.rank, self.world_size = rank, world_size
+        self.shards = shards
         self.shard_offsets: dict[str | int, tuple[int, int]] = {}  # shard id → (offset, size) within this rank's rows
         offset = 0
-        for shard_id, size in shard_sizes.items():
-            self.shard_offsets[shard_id] = (offset, size // world_size)
-            offset += size // world_size
+        for shard_id, shard in shards.items():
+            self.shard_offsets[shard_id] = (offset, shard.size)
+            offset += shard.size
         self.weight = nn.Parameter(torch.empty(offset, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(offset), requires_grad=False) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: WeightSource, shard_id: str | int | None) -> None:
+        shard = self.shards[shard_id] if shard_id is not None else next(iter(self.shards.values()))
         offset, size = self.shard_offsets[shard_id] if shard_id is not None else (0, param.shape[0])
-        rows = loaded.narrow(0, self.rank * size, size)  # this rank's rows of the full tensor
-        param.data.narrow(0, offset, size).copy_(rows)
+        if loaded.shape[0] != shard.full_size:
+            raise ModelLoadError(f"checkpoint rows {loaded.shape[0]} != {shard.full_size} for shard {shard_id!r}")
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, shard.start, size))  # only this rank's rows read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -137,7 +137,7 @@ class RowParallelLinear(nn.Module):
 
     def __init__(
         self,
-        in_features: int,
+        in_slice: ShardSlice,
         out_features: int,
         *,
         bias: bool,
@@ -147,18 +147,18 @@ class RowParallelLinear(nn.Module):
         linear: Linear = F.linear,
     ) -> None:
         super().__init__()
-        if in_features % world_size:
-            raise ModelLoadError(f"tensor parallelism {world_size} does not divide input size {in_features}")
+        self.in_slice = in_slice
         self.rank, self.world_size, self.all_reduce, self.linear = rank, world_size, all_reduce, linear
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // world_size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_features, in_slice.size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: WeightSource, shard_id: str | int | None) -> None:
         if param is self.bias:
-            param.data.copy_(loaded)
+            param.data.copy_(read_whole(loaded))
             return
-        size = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.rank * size, size))  # this rank's columns
+        if loaded.shape[1] != self.in_slice.full_size:
+            raise ModelLoadError(f"checkpoint columns {loaded.shape[1]} != {self.in_slice.full_size}")
+        param.data.copy_(loaded.narrow(1, self.in_slice.start, self.in_slice.size))  # only this rank's columns read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x, self.weight, self.bias if self.rank == 0 else None)
@@ -195,13 +195,15 @@ class ReplicatedEmbedding(nn.Module):
 
 def load_sharded_weights(
     model: nn.Module,
-    weights: Iterable[tuple[str, torch.Tensor]],
+    weights: Iterable[tuple[str, WeightSource]],
     packed_modules_mapping: PackedModulesMapping,
     *,
     architecture: str,
     is_skipped: Callable[[str], bool],
 ) -> None:
     """Copy HF-named checkpoint tensors into this rank's (possibly fused, sharded) parameters of `model`.
+
+    Sharded parameters read only their rank's slice of each source (models/weights.py); the others read it whole.
 
     Raises:
         ModelLoadError: a tensor with no place in the model, or parameters the checkpoint left unfilled.
@@ -226,7 +228,10 @@ def load_sharded_weights(
         if loader is not None:
             loader(param, tensor, shard_id)
         else:
-            param.data.copy_(tensor)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ModelLoadError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(param.shape)}")  # fmt: skip
+            param.data.copy_(read_whole(tensor))
         loaded.add(target if shard_id is None else f"{target}:{shard_id}")
     _check_complete(model, params, loaded)
 

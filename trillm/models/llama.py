@@ -5,7 +5,8 @@ Runs outside the event loop, inside a rank process. The blocks below compose the
 tensor-parallel group are constructor arguments, and per-step attention metadata arrives as a frozen `AttnMeta`.
 
 Tensor parallelism (Megatron style): q/k/v and gate/up are column-parallel (each rank holds a slice of the heads and
-of the FFN), o_proj and down_proj are row-parallel and followed by an all-reduce. The embedding and lm_head stay
+of the FFN; with fewer KV heads than ranks each rank holds a replica of the one KV head its query heads use,
+models/sharding.py), o_proj and down_proj are row-parallel and followed by an all-reduce. The embedding and lm_head stay
 replicated on every rank. Parameter names are the Hugging Face checkpoint names, except for the two fusions declared
 once in `packed_modules_mapping`.
 
@@ -39,6 +40,8 @@ from trillm.models.layers import (
     load_sharded_weights,
     no_all_reduce,
 )
+from trillm.models.sharding import ShardSlice, attention_shards, split_evenly
+from trillm.models.weights import WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -164,23 +167,19 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, args: LlamaArgs, ops: Any, rank: int, world_size: int, all_reduce: AllReduce) -> None:
         super().__init__()
-        if args.num_heads % world_size or args.num_kv_heads % world_size:
-            raise ModelLoadError(
-                f"tensor parallelism {world_size} must divide {args.num_heads} heads and {args.num_kv_heads} KV heads"
-            )
+        plan = attention_shards(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, rank=rank,
+                                world_size=world_size)  # fmt: skip
         self.ops, self.head_dim = ops, args.head_dim
-        self.num_heads, self.num_kv_heads = args.num_heads // world_size, args.num_kv_heads // world_size
+        self.num_heads, self.num_kv_heads = plan.heads.size, plan.kv_heads.size
         self.scale = args.head_dim**-0.5
-        shards: dict[str | int, int] = {
-            "q": args.num_heads * args.head_dim,
-            "k": args.num_kv_heads * args.head_dim,
-            "v": args.num_kv_heads * args.head_dim,
+        d = args.head_dim
+        rows: dict[str | int, ShardSlice] = {  # heads → weight rows of q/k/v
+            name: ShardSlice(h.full_size * d, h.start * d, h.size * d)
+            for name, h in (("q", plan.heads), ("k", plan.kv_heads), ("v", plan.kv_heads))
         }
-        self.qkv_proj = ColumnParallelLinear(
-            args.hidden_size, shards, bias=args.qkv_bias, rank=rank, world_size=world_size
-        )
+        self.qkv_proj = ColumnParallelLinear(args.hidden_size, rows, bias=args.qkv_bias)
         self.o_proj = RowParallelLinear(
-            args.num_heads * args.head_dim,
+            rows["q"],
             args.hidden_size,
             bias=args.o_bias,
             rank=rank,
@@ -232,10 +231,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, args: LlamaArgs, ops: Any, rank: int, world_size: int, all_reduce: AllReduce) -> None:
         super().__init__()
         self.ops = ops
-        ffn = args.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(
-            args.hidden_size, {0: ffn, 1: ffn}, bias=args.mlp_bias, rank=rank, world_size=world_size
-        )
+        ffn = split_evenly(args.intermediate_size, rank=rank, world_size=world_size, what="intermediate_size")
+        self.gate_up_proj = ColumnParallelLinear(args.hidden_size, {0: ffn, 1: ffn}, bias=args.mlp_bias)
         self.down_proj = RowParallelLinear(
             ffn,
             args.hidden_size,
@@ -347,7 +344,7 @@ class LlamaForCausalLM(nn.Module):
         logits: torch.Tensor = self.ops.fused_linear(hidden, lm_head.weight)[0]
         return logits.float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, WeightSource]]) -> None:
         """Copy HF-named checkpoint tensors into this rank's (possibly fused, sharded) parameters."""
 
         def is_skipped(name: str) -> bool:

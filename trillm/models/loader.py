@@ -145,11 +145,28 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The safetensors files holding the checkpoint: those `model.safetensors.index.json` lists, else every one.
+
+    With an index, files it does not name (e.g. a consolidated copy beside the shards) are left out.
+    """
+    index = Path(folder) / "model.safetensors.index.json"
+    if not index.is_file():
+        return safetensors_files(folder)
+    with open(index, encoding="utf-8") as f:
+        weight_map: dict[str, str] = json.load(f).get("weight_map") or {}
+    files = [Path(folder) / name for name in sorted(set(weight_map.values()))]
+    missing = [p.name for p in files if not p.is_file()]
+    if not files or missing:
+        raise ModelLoadError(f"{index} names missing shards: {', '.join(missing[:4]) or 'none at all'}")
+    return files
+
+
 def iter_safetensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every (checkpoint name, CPU tensor) of the folder's safetensors files, one tensor in memory at a time."""
     from safetensors import safe_open
 
-    for path in safetensors_files(folder):
+    for path in checkpoint_files(folder):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
