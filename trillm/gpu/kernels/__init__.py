@@ -16,7 +16,7 @@ Modules, one job each (the `.cu` family each launches in brackets):
     decode_attention.py   paged_decode_attention (decode_attention.cu)
     prefill_attention.py  paged_prefill_attention (prefill_attention.cu); fresh_prefill_attention (torch's flash
                           SDPA for prompts with no cached context)
-    all_reduce.py         one_shot_all_reduce: tensor-parallel sum of small tensors through CUDA IPC slots (all_reduce.cu)
+    all_reduce.py         one_shot_all_reduce / two_shot_all_reduce: tensor-parallel sums through CUDA IPC slots
     precompile.py         every instantiation a model shape needs, compiled before CUDA-graph capture
 
 Differences from the reference a caller must know:
@@ -41,6 +41,7 @@ from .all_reduce import AR_FLAG_BYTES as AR_FLAG_BYTES
 from .all_reduce import AR_THREADS as AR_THREADS
 from .all_reduce import all_reduce_kernel_name as all_reduce_kernel_name
 from .all_reduce import one_shot_all_reduce as one_shot_all_reduce
+from .all_reduce import two_shot_all_reduce as two_shot_all_reduce
 from .all_reduce import region_bytes as region_bytes
 from .arguments import ATTENTION_HEAD_DIMS as ATTENTION_HEAD_DIMS
 from .arguments import ELEMENT_TYPES as ELEMENT_TYPES

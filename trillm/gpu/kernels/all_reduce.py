@@ -1,8 +1,9 @@
-"""One-shot all-reduce wrapper (all_reduce.cu): the sum over ranks of a small tensor, through CUDA IPC slots.
+"""IPC all-reduce wrappers (all_reduce.cu): the sum over ranks of a tensor through CUDA IPC slots, in one or two shots.
 
 Runs outside the event loop (inside the rank processes). The caller (`gpu/ipc_all_reduce.py`) owns the IPC regions
-and the per-rank epoch counters; this module only checks the arguments and launches. Every rank must launch the
-same sequence of calls with the same sizes: the calls pair up by their position in that sequence.
+and the per-rank epoch counters and picks the kernel by size; this module only checks the arguments and launches.
+Every rank must launch the same sequence of calls with the same sizes and kernels: the calls pair up by their
+position in that sequence.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ AR_TYPES = {torch.bfloat16: "bf16_t", torch.float16: "fp16_t", torch.float32: "f
 
 
 def region_bytes(slot_bytes: int) -> int:
-    """Size of one rank's IPC region: the flags, then two slots (calls alternate between them)."""
+    """Size of one rank's IPC region: the flags (2 × AR_BLOCKS u32), then two slots (calls alternate between them)."""
     return AR_FLAG_BYTES + 2 * slot_bytes
 
 
-def all_reduce_kernel_name(dtype: torch.dtype, world_size: int) -> str:
-    return f"one_shot_all_reduce_kernel<{AR_TYPES[dtype]}, {world_size}>"
+def all_reduce_kernel_name(dtype: torch.dtype, world_size: int, *, is_two_shot: bool = False) -> str:
+    return f"all_reduce_kernel<{AR_TYPES[dtype]}, {world_size}, {'true' if is_two_shot else 'false'}>"
 
 
 def one_shot_all_reduce(
@@ -41,7 +42,23 @@ def one_shot_all_reduce(
     rank: int,
     slot_bytes: int,
 ) -> torch.Tensor:
-    """Sum `data` over the ranks in place and return it."""
+    """Sum `data` over the ranks in place and return it: every rank reads every peer's whole tensor."""
+    return _launch(data, regions, epochs, rank, slot_bytes, is_two_shot=False)
+
+
+def two_shot_all_reduce(
+    data: torch.Tensor,  # any shape, contiguous; summed in place
+    regions: Sequence[int],  # as one_shot_all_reduce's
+    epochs: torch.Tensor,  # [AR_BLOCKS] int32, shared with one_shot_all_reduce (one sequence of calls)
+    rank: int,
+    slot_bytes: int,
+) -> torch.Tensor:
+    """Sum `data` over the ranks in place and return it: reduce-scatter, then all-gather (same bits as one shot)."""
+    return _launch(data, regions, epochs, rank, slot_bytes, is_two_shot=True)
+
+
+def _launch(data: torch.Tensor, regions: Sequence[int], epochs: torch.Tensor, rank: int, slot_bytes: int, *,
+            is_two_shot: bool) -> torch.Tensor:  # fmt: skip
     backend = get_backend()
     device = check_devices(backend, data=data, epochs=epochs)
     if data.dtype not in AR_TYPES:
@@ -56,6 +73,6 @@ def one_shot_all_reduce(
         raise ValueError(f"data must be a multiple of 16 bytes and at most {slot_bytes} bytes, got {nbytes}")
     padded = [np.uint64(r) for r in regions] + [np.uint64(0)] * (AR_MAX_RANKS - world_size)
     args = (ptr(data), *padded, ptr(epochs), i32(rank), i32(nbytes // 16), np.uint64(slot_bytes))
-    backend.launch("all_reduce", all_reduce_kernel_name(data.dtype, world_size), (AR_BLOCKS, 1, 1),
-                   (AR_THREADS, 1, 1), 0, args, device)  # fmt: skip
+    name = all_reduce_kernel_name(data.dtype, world_size, is_two_shot=is_two_shot)
+    backend.launch("all_reduce", name, (AR_BLOCKS, 1, 1), (AR_THREADS, 1, 1), 0, args, device)
     return data
