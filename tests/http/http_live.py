@@ -101,3 +101,25 @@ def engine_server(model: str, **engine_fields: Any) -> Iterator[LiveServer]:
         yield live
     finally:
         live.stop()
+
+
+class InProcessEngineServer(LiveServer):
+    """A live server over a real Engine (Batcher, Scheduler, core thread) whose rank is an in-process runner.
+
+    The Engine is opened inside the server's own Trio run, before hypercorn starts, and closed after it stops.
+    """
+
+    def __init__(self, config: ServerConfig, runner: Any, tokenizer: Any) -> None:
+        super().__init__(app=None)
+        self._config = config
+        self._runner = runner
+        self._tokenizer = tokenizer
+
+    async def _serve(self) -> None:
+        from trillm.actors.engine import Engine
+        from trillm.http.app import create_app
+
+        async with Engine.open(self._config.engine, runner_factory=lambda _: self._runner,
+                               tokenizer=self._tokenizer) as engine:
+            self.app = create_app(self._config, engine=engine)
+            await super()._serve()

@@ -31,7 +31,7 @@ import attrs
 import trio
 
 from trillm.protocol.step import StepPlan, StepResult, TokenEvent
-from trillm.actors.messages import Abort, BatcherInbox, ReleaseSession, Submit
+from trillm.actors.messages import Abort, AbortMany, BatcherInbox, ReleaseSession, Submit
 from trillm.policy.scheduler import Scheduler, SchedulerStats
 from trillm.errors import EngineDeadError
 
@@ -159,11 +159,15 @@ class BatcherActor:
                     message.max_new_tokens,
                     session_id=message.session_id,
                     keep_kv=message.keep_kv,
+                    share=message.share or None,
                 )
                 self._deliver([event] if event is not None else [])
             case Abort():
                 event = self._scheduler.abort(message.seq_id, message.reason)
                 self._deliver([event] if event is not None else [])
+            case AbortMany():
+                events = (self._scheduler.abort(seq_id) for seq_id in message.seq_ids)
+                self._deliver([event for event in events if event is not None])
             case ReleaseSession():
                 self._scheduler.release_session(message.session_id)
             case _:  # pragma: no cover

@@ -378,6 +378,7 @@ class Engine:
                 max_new_tokens=max_new_tokens,
                 session_id=request.session_id,
                 keep_kv=request.keep_kv,
+                share=request.share_key or request.request_id,
             )
             for index, seq_id in enumerate(seq_ids)
         ]
@@ -392,8 +393,7 @@ class Engine:
         )
         async with receive:
             try:
-                for submit in submits:  # without a checkpoint: n choices start in one step
-                    self._send_nowait(submit)
+                self._send_many_nowait(submits)  # in one hop: the n choices start at the same step
                 yield stream
             finally:
                 stream.abort_nowait()
@@ -419,6 +419,19 @@ class Engine:
             self._core.call(self._put_inbox, message)
         except trio.RunFinishedError:
             raise EngineDeadError(self.failure or "the engine has stopped") from None
+
+    def _send_many_nowait(self, messages: Sequence[BatcherInbox]) -> None:
+        """Send several messages in one hop to the core: the Batcher sees all of them before its next step."""
+        if not self.is_alive or self._core is None:
+            raise EngineDeadError(self.failure or "the engine has stopped")
+        try:
+            self._core.call(self._put_inbox_many, list(messages))
+        except trio.RunFinishedError:
+            raise EngineDeadError(self.failure or "the engine has stopped") from None
+
+    def _put_inbox_many(self, messages: list[BatcherInbox]) -> None:
+        for message in messages:
+            self._put_inbox(message)
 
     def _put_inbox(self, message: BatcherInbox) -> None:
         """In the core loop: queue a message for the Batcher (never raises: it runs as a `run_sync_soon` callback)."""

@@ -1,9 +1,9 @@
 """Engine → Batcher commands: the messages of the BatcherActor's inbox.
 
-    Engine / RequestStream ──Submit / Abort──▶ BatcherActor
+    Engine / RequestStream ──Submit / Abort / AbortMany──▶ BatcherActor
     SessionActor ──ReleaseSession──▶ BatcherActor
 
-Everything that crosses into policy/ or gpu/ lives in `trillm.protocol`; these three are the engine's own commands,
+Everything that crosses into policy/ or gpu/ lives in `trillm.protocol`; these four are the engine's own commands,
 sent from the serving loop to the engine core's loop (`core.py`).
 """
 
@@ -26,6 +26,7 @@ class Submit:
     max_new_tokens: int  # resolved: min(max_tokens, window - prompt)
     session_id: int | None = None
     keep_kv: bool = False
+    share: str = ""  # the client request it belongs to, for fair scheduling (policy/fair_share.py); "": its own
 
 
 @attrs.frozen(kw_only=True)
@@ -37,10 +38,17 @@ class Abort:
 
 
 @attrs.frozen(kw_only=True)
+class AbortMany:
+    """Engine → Batcher: stop all these sequences at once (a client with many prompts left), with `abort`."""
+
+    seq_ids: tuple[int, ...]
+
+
+@attrs.frozen(kw_only=True)
 class ReleaseSession:
     """SessionActor → Batcher, when a session ends: free the KV blocks parked under `session_id`."""
 
     session_id: int
 
 
-BatcherInbox = Union[Submit, Abort, ReleaseSession]
+BatcherInbox = Union[Submit, Abort, AbortMany, ReleaseSession]

@@ -18,7 +18,7 @@ import trio
 
 from trillm.protocol.api import CompletionOutput, FinishReason
 from trillm.protocol.step import TokenEvent
-from trillm.actors.messages import Abort, BatcherInbox
+from trillm.actors.messages import Abort, AbortMany, BatcherInbox
 from trillm.errors import EngineDeadError
 from trillm.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
@@ -60,6 +60,7 @@ class RequestStream:
         self._send_nowait = send_nowait
         self._failure = failure
         self._held: TokenEvent | None = None  # taken from the channel while coalescing, for another sequence
+        self._is_aborted = False  # abort_nowait ran: its Aborts are sent, a second call sends nothing
 
     @property
     def unfinished_seq_ids(self) -> list[int]:
@@ -96,13 +97,26 @@ class RequestStream:
             except EngineDeadError:
                 return  # nothing runs any more: the stream itself reports the failure
 
-    def abort_nowait(self) -> None:
-        """Abort what is unfinished without waiting (if the inbox is full, the closed channel does it later)."""
-        for seq_id in self.unfinished_seq_ids:
-            try:
-                self._send_nowait(Abort(seq_id=seq_id))
-            except (trio.WouldBlock, EngineDeadError):
-                pass
+    def abort_nowait(self, batch: list[int] | None = None) -> None:
+        """Abort what is unfinished without waiting (once: a later call, e.g. on leaving the context, is a no-op).
+
+        With `batch`, the seq ids are added to it instead, for `send_batch_nowait` (AbortableOutputs).
+        """
+        if self._is_aborted:
+            return
+        self._is_aborted = True
+        seq_ids = self.unfinished_seq_ids
+        if batch is not None:
+            batch.extend(seq_ids)
+        elif seq_ids:
+            self.send_batch_nowait(seq_ids)
+
+    def send_batch_nowait(self, batch: list[int]) -> None:
+        """Abort these sequences (of any stream of this engine) with one message: they stop at the same step."""
+        try:
+            self._send_nowait(AbortMany(seq_ids=tuple(batch)))
+        except EngineDeadError:
+            pass  # nothing runs any more: the stream itself reports the failure
 
     def _coalesce(self, event: TokenEvent) -> TokenEvent:
         """`event` merged with the events of the same sequence already waiting behind it (never waits).

@@ -136,7 +136,8 @@ async def completions() -> Response:
         if max_tokens == 0 and not has_prompt_logprobs:
             sources.append((p * body.n, partial(_no_generation, body.n, len(prompt_ids))))
             continue
-        generate = generate_request(body, request_id=f"{reply.id}-{p}", prompt_ids=prompt_ids, sampling=sampling)
+        generate = generate_request(body, request_id=f"{reply.id}-{p}", prompt_ids=prompt_ids, sampling=sampling,
+                                    share_key=reply.id)  # one fair share for all of its prompts
         if max_tokens == 0:  # the prompt's logprobs still need its prefill
             sources.append((p * body.n, partial(prompt_only, engine.generate, generate)))
         else:

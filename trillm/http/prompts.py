@@ -178,7 +178,7 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def generate_request(request: SamplingFields, *, request_id: str, prompt_ids: tuple[int, ...],
-                     sampling: SamplingParams, prompt_field: str = "prompt") -> GenerateRequest:
+                     sampling: SamplingParams, prompt_field: str = "prompt", share_key: str = "") -> GenerateRequest:
     """The GenerateRequest of one prompt of a chat or completion request."""
     session_id = request.session_id if request.session_id not in (None, -1) else None
     return GenerateRequest(
@@ -191,4 +191,5 @@ def generate_request(request: SamplingFields, *, request_id: str, prompt_ids: tu
         spaces_between_special_tokens=request.spaces_between_special_tokens,
         session_id=session_id,
         prompt_field=prompt_field,
+        share_key=share_key,
     )

@@ -10,8 +10,14 @@ Plain Python, no Trio and no torch; the BatcherActor owns one and calls it betwe
 2. Prefill chunks. Running sequences still prefilling (a long prompt, or a recompute) get chunks in admission
    order, at most `max_prefill_token_num` prefill tokens per step in total. Decodes do not count against that
    budget: a step holds at most `max_prefill_token_num` + `max_batch_size` tokens.
-3. Admission, first come first served: while there is prefill budget, a batch slot, and blocks for the head of the
-   queue's whole token list. The head is never skipped, so a large request cannot be overtaken forever.
+3. Admission: while there is prefill budget, a batch slot, and blocks for the head's whole token list.
+
+Steps 2 and 3 go share by share (`fair_share.py`): the sequences of one client request form a share, and shares are
+served in order of their virtual deadline (arrival step + the steps their remaining prefill needs), each share's
+running prefills first, then its waiting sequences in order. A share's head that does not fit the KV pool is never
+skipped (admission stops for the step), so a large request cannot be overtaken forever. Before all that, while the
+batch is full and a share has nothing running, the newest sequence of the share holding the most slots is
+preempted: one request's choices cannot hold every slot while another request waits for its first token.
 
 A sequence's `num_computed_tokens` advances when it is put in a plan (its KV is written by that step, and ranks run
 steps in order), so the next plan may already rely on it. The last sampled token of a sequence is never fed to the
@@ -46,9 +52,11 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Hashable
 
 import attrs
 
+from trillm.policy.fair_share import FairShares
 from trillm.policy.kv_blocks import BlockManager, BlockManagerStats, blocks_for
 from trillm.policy.sequence import Sequence, SeqStatus
 from trillm.policy.session_kv import ClaimedKV, ParkedSessions
@@ -74,7 +82,8 @@ class SchedulerStats:
     num_waiting: int
     num_parked_sessions: int
     num_steps: int
-    num_preemptions: int
+    num_preemptions: int  # fair-share preemptions included
+    num_fair_share_preemptions: int
     num_evicted_sessions: int
     num_prompt_tokens: int  # prompt tokens of every sequence added
     num_computed_prompt_tokens: int  # prompt positions actually computed (prefilled), recomputes included
@@ -84,7 +93,7 @@ class SchedulerStats:
 
 
 class Scheduler:
-    """Admission, chunked prefill, preemption, finishing and parked session KV over one BlockManager."""
+    """Admission, chunked prefill, preemption, fair shares, finishing and parked session KV over one BlockManager."""
 
     def __init__(
         self,
@@ -107,12 +116,13 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self._seqs: dict[int, Sequence] = {}
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting = FairShares()
         self._running: list[Sequence] = []  # admission order: oldest first
         self._parked = ParkedSessions(block_manager)
         self._in_flight: collections.deque[tuple[int, set[int]]] = collections.deque()  # (step id, seqs it samples)
         self._step_id = 0
         self._num_preemptions = 0
+        self._num_fair_share_preemptions = 0
         self._num_prompt_tokens = 0
         self._num_computed_prompt_tokens = 0
         self._num_cached_prompt_tokens = 0
@@ -129,8 +139,11 @@ class Scheduler:
         *,
         session_id: int | None = None,
         keep_kv: bool = False,
+        share: Hashable | None = None,
     ) -> TokenEvent | None:
         """Queue a new sequence. Returns its final event right away when it may generate nothing.
+
+        `share` names the client request the sequence belongs to (fair_share.py); None: a share of its own.
 
         The Engine admitted it (`Engine._admit`: a fresh seq_id, a prompt that leaves room in the window, a token budget
         resolved against that room), so here those are invariants. A sequence also finishes with `length` when it
@@ -148,12 +161,13 @@ class Scheduler:
             num_prompt_tokens=len(prompt_token_ids),
             sampling=sampling,
             max_new_tokens=max_new_tokens,
+            share=share if share is not None else seq_id,
             session_id=session_id,
             keep_kv=keep_kv and session_id is not None,
             token_ids=list(prompt_token_ids),
         )
         self._seqs[seq_id] = seq
-        self._waiting.append(seq)
+        self._waiting.add(seq, self._step_id)
         return None
 
     def abort(self, seq_id: int, reason: FinishReason = FinishReason.ABORT) -> TokenEvent | None:
@@ -189,24 +203,40 @@ class Scheduler:
         """
         assert len(self._in_flight) <= 1, "schedule() called with two steps in flight"
         self._in_flight.append((self._step_id + 1, set()))
+        self._preempt_for_starved_shares()
         num_preemptions = self._num_preemptions
         steps = [self._plan_tokens(seq, 1) for seq in self._reserve_decode_slots()]
-        budget = self.max_prefill_token_num
+        prefilling: dict[Hashable, list[Sequence]] = collections.defaultdict(list)  # share → its seqs, oldest first
         for seq in self._running:
-            if budget > 0 and seq.num_uncomputed_tokens > 1:
+            if seq.num_uncomputed_tokens > 1:
+                prefilling[seq.share].append(seq)
+        # After a preemption the pool is full: admitting now would only preempt again next step (unless nothing
+        # else would run: the engine never idles with work queued).
+        may_admit = self._num_preemptions == num_preemptions or not (steps or prefilling)
+        budget = self.max_prefill_token_num
+        num_owed = self._waiting.num_starved()  # slots kept for shares with nothing running
+        all_prefilling = (seq for seqs in prefilling.values() for seq in seqs)
+        for share in self._waiting.in_order(all_prefilling, self._step_id, budget):
+            for seq in prefilling.get(share.key, ()):
                 chunk = min(seq.num_uncomputed_tokens, budget)
                 budget -= chunk
                 steps.append(self._plan_tokens(seq, chunk))
-        # After a preemption the pool is full: admitting now would only preempt again next step (unless nothing
-        # else would run: the engine never idles with work queued).
-        may_admit = self._num_preemptions == num_preemptions or not steps
-        while may_admit and budget > 0 and self._waiting and len(self._running) < self.max_batch_size:
-            seq = self._waiting[0]
-            if not self._admit(seq):
+                if budget == 0:
+                    break
+            while may_admit and budget > 0 and share.waiting:
+                is_owed = share.num_running == 0
+                if len(self._running) + (0 if is_owed else num_owed) >= self.max_batch_size:
+                    break
+                seq = share.waiting[0]
+                if not self._admit(seq):
+                    may_admit = False  # the head is never skipped: no later share is admitted this step
+                    break
+                num_owed -= is_owed
+                chunk = min(seq.num_uncomputed_tokens, budget)
+                budget -= chunk
+                steps.append(self._plan_tokens(seq, chunk))
+            if budget == 0:
                 break
-            chunk = min(seq.num_uncomputed_tokens, budget)
-            budget -= chunk
-            steps.append(self._plan_tokens(seq, chunk))
         if not steps:
             self._in_flight.pop()
             return None
@@ -252,6 +282,7 @@ class Scheduler:
             num_parked_sessions=len(self._parked),
             num_steps=self._step_id,
             num_preemptions=self._num_preemptions,
+            num_fair_share_preemptions=self._num_fair_share_preemptions,
             num_evicted_sessions=self._parked.num_evicted,
             num_prompt_tokens=self._num_prompt_tokens,
             num_computed_prompt_tokens=self._num_computed_prompt_tokens,
@@ -291,6 +322,19 @@ class Scheduler:
                 scheduled.append(seq)
         return scheduled
 
+    def _preempt_for_starved_shares(self) -> None:
+        """With the batch full, free a slot for each share that waits with nothing running (fair_share.py): the
+        newest sequence of the share running the most is preempted, while that share runs more than one."""
+        num_needed = self._waiting.num_starved() - (self.max_batch_size - len(self._running))
+        for _ in range(num_needed):
+            largest = self._waiting.largest()
+            if largest is None:
+                return
+            victim = next(seq for seq in reversed(self._running) if seq.share == largest.key)
+            log.debug("fair share: preempting seq %d of a share running %d", victim.seq_id, largest.num_running)
+            self._preempt(victim)
+            self._num_fair_share_preemptions += 1
+
     def _may_plan_ahead(self, seq: Sequence) -> bool:
         """Whether a sequence with a sample in flight may get its next decode now, before that sample is known."""
         if seq.sampling.has_penalties:
@@ -304,7 +348,7 @@ class Scheduler:
         self._running.remove(seq)
         self._release_blocks(seq)
         seq.status = SeqStatus.PREEMPTED
-        self._waiting.appendleft(seq)
+        self._waiting.requeue(seq)
         self._num_preemptions += 1
 
     # -- admission ---------------------------------------------------------------------------------------------------
@@ -329,7 +373,7 @@ class Scheduler:
             seq.num_cached_tokens = seq.num_computed_tokens
             self._num_cached_prompt_tokens += seq.num_computed_tokens
             seq.is_admitted = True
-        self._waiting.popleft()
+        self._waiting.admitted(seq)
         seq.needs_grammar_replay = True  # the ranks may have dropped its matcher while it waited
         seq.status = SeqStatus.RUNNING
         self._running.append(seq)
@@ -437,10 +481,10 @@ class Scheduler:
 
     def _finish(self, seq: Sequence) -> None:
         """Drop a sequence from every queue; park its KV for its session or free it."""
-        if seq.status is SeqStatus.RUNNING:
+        is_running = seq.status is SeqStatus.RUNNING
+        if is_running:
             self._running.remove(seq)
-        else:
-            self._waiting.remove(seq)
+        self._waiting.finished(seq, was_running=is_running)
         del self._seqs[seq.seq_id]
         for _, awaiting in self._in_flight:
             awaiting.discard(seq.seq_id)  # a sample still in flight for it is dropped when its step is applied

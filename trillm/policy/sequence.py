@@ -7,6 +7,7 @@ in each `StepPlan`, never the objects themselves.
 from __future__ import annotations
 
 import enum
+from collections.abc import Hashable
 
 import attrs
 
@@ -30,6 +31,7 @@ class Sequence:
     num_prompt_tokens: int
     sampling: SamplingParams
     max_new_tokens: int
+    share: Hashable  # the client request it belongs to (fair_share.py): its n choices, or all of its prompts
     session_id: int | None = None
     keep_kv: bool = False
     token_ids: list[int]  # prompt + outputs so far

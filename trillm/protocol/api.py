@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
@@ -123,6 +123,9 @@ class GenerateRequest:
     session_id: int | None = None
     keep_kv: bool = False
     prompt_field: str = "prompt"  # the request field the prompt came from: admission errors name it (`param`)
+    # Requests with the same share key are one client request to the fair scheduler (policy/fair_share.py): the
+    # prompts of one /v1/completions request. "": the request is a share of its own (its n choices).
+    share_key: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -228,6 +231,22 @@ class TextCodec(Protocol):
 
 
 OutputStream = AbstractAsyncContextManager[AsyncIterator[CompletionOutput]]
+
+
+@runtime_checkable
+class AbortableOutputs(Protocol):
+    """An OutputStream's iterator that can stop its sequences synchronously (the real Engine's RequestStream).
+
+    Leaving the OutputStream's context aborts too, but only once the task that holds it has run; a request of 800
+    prompts has 800 such tasks, and the serving loop needs a third of a second to unwind them all. `abort_nowait`
+    lets the HTTP layer stop every one of them at once when the client leaves (`http/streams.py`): each stream adds
+    its aborts to one `batch`, and one `send_batch_nowait` hands them all to the engine, so that they take effect
+    between the same two engine steps.
+    """
+
+    def abort_nowait(self, batch: list[Any] | None = None) -> None: ...
+
+    def send_batch_nowait(self, batch: list[Any]) -> None: ...
 
 
 class EngineClient(Protocol):
