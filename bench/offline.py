@@ -3,7 +3,8 @@
 Two measurements, both runnable on any machine (`--device cpu` for smoke runs):
 
 - `engine`: N requests of fixed prompt/output lengths (random token ids, `ignore_eos`) submitted at once through the
-  Trio `Engine` (actors, scheduler, rank process): output tokens per second and time to first token.
+  Trio `Engine` (actors, scheduler, rank processes; `--tp N` for N GPUs): output tokens per second, time to first
+  token, and the engine's start time (model load: rank start, weights built or read, graphs captured).
 - `steps`: the `ModelRunner` driven directly with hand-built `StepPlan`s: one prefill of `--prefill-len` tokens, and
   decode steps at each `--batch` with `--context` tokens of context per sequence (ms per step, tokens per second).
 
@@ -14,6 +15,7 @@ torch.profiler kernel table of a few decode steps per batch size (`<device>-offl
 
 Examples:
     python -m bench.offline engine --model smollm2 --batch 1 16 --prompt-len 128 --output-len 128
+    python -m bench.offline engine --model random:llama3-70b --tokenizer TOK --dtype bfloat16 --tp 8 --batch 1 64
     python -m bench.offline steps --model random:llama2-7b --batch 1 32 --context 1024 --prefill-len 1024 --profile
 """
 
@@ -155,23 +157,25 @@ def run_engine(args: argparse.Namespace) -> None:
     if args.no_overlap:
         config = attrs.evolve(config, enable_overlap=False)
 
-    async def main() -> tuple[str, list[dict[str, Any]]]:
+    async def main() -> tuple[str, float, list[dict[str, Any]]]:
         results = []
+        start = time.perf_counter()
         async with Engine.open(config) as engine:
+            load_s = time.perf_counter() - start  # rank processes up, weights built or read, graphs captured
             vocab = engine.tokenizer.vocab_size
             await _engine_batch(engine, 1, 8, 4, vocab, seed=0)  # warm-up: first-step costs, graph capture
             for batch in args.batch:
                 results.append(await _engine_batch(engine, batch, args.prompt_len, args.output_len, vocab, seed=batch))
-            return engine.device_name, results
+            return engine.device_name, load_s, results
 
-    device_name, results = trio.run(main)
+    device_name, load_s, results = trio.run(main)
     overlap = getattr(config, "enable_overlap", False)
     mode = ("det-" if args.deterministic else "") + ("overlap" if overlap else "lockstep")
     path = write_results(f"offline-engine-tp{args.tp}-{mode}", device_name,
                          {"mode": "engine", "model": args.model, "dtype": args.dtype, "overlap": overlap, "tp": args.tp,
-                          "results": results}, out_dir=args.out_dir, commit=args.git_commit)
-    print(f"# engine throughput, {args.model} on {device_name}, tp {args.tp}, step overlap {'on' if overlap else 'off'} "
-          f"({path.name})")
+                          "load_s": load_s, "results": results}, out_dir=args.out_dir, commit=args.git_commit)
+    print(f"# engine throughput, {args.model} on {device_name}, tp {args.tp}, "
+          f"step overlap {'on' if overlap else 'off'}, engine start {load_s:.1f} s ({path.name})")
     print_table(
         ["batch", "prompt", "output", "tokens", "seconds", "tok/s", "TTFT ms", "ITL ms"],
         [[r["batch"], r["prompt_len"], r["output_len"], r["output_tokens"], r["seconds"], r["output_tok_per_s"],
