@@ -1,4 +1,4 @@
-"""Rank processes over a socketpair: the RankReady / StepPlan / Shutdown protocol, failures, and tp=3 over gloo."""
+"""Rank processes over a socketpair: the RankReady / StepPlan / Shutdown protocol, failures, tp=3 and tp=4 over gloo."""
 
 from __future__ import annotations
 
@@ -119,24 +119,28 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_tensor_parallel_3_over_gloo_matches_one_rank(ranks: list[RankHandle]) -> None:
+@pytest.mark.parametrize(("model", "world_size", "kv_heads"), [("random:tiny", 3, 2), ("random:tiny-tp8", 4, 1)])
+def test_tensor_parallel_over_gloo_matches_one_rank(ranks: list[RankHandle], model: str, world_size: int,
+                                                     kv_heads: int) -> None:  # fmt: skip
+    """tp=3 splits tiny's 6 KV heads; tp=4 replicates each of tiny-tp8's 2 KV heads on 2 ranks (models/sharding.py)."""
     from trillm.gpu.runner import ModelRunner
 
-    single = ModelRunner(_config())
+    single = ModelRunner(_config(model_path=model))
     expected_logprobs: list[float] = []
     expected = _greedy_tokens(single.step, 4, expected_logprobs)
 
     init_method = f"tcp://127.0.0.1:{_free_port()}"
-    ranks.extend(RankHandle(_config(rank=r, world_size=3, dist_init_method=init_method)) for r in range(3))
+    ranks.extend(RankHandle(_config(model_path=model, rank=r, world_size=world_size, dist_init_method=init_method))
+                 for r in range(world_size))  # fmt: skip
     for r, handle in enumerate(ranks):
         ready = recv_message(handle.sock, handle.decoder)
-        assert isinstance(ready, RankReady) and ready.rank == r and ready.layout.num_kv_heads == 2
+        assert isinstance(ready, RankReady) and ready.rank == r and ready.layout.num_kv_heads == kv_heads
 
     def request_all(plan: StepPlan) -> StepResult:
         for handle in ranks:
             send_message(handle.sock, plan)
         results = [recv_message(handle.sock, handle.decoder) for handle in ranks]
-        assert [r.sampled for r in results[1:]] == [(), ()]  # other ranks only acknowledge
+        assert [r.sampled for r in results[1:]] == [()] * (world_size - 1)  # other ranks only acknowledge
         return results[0]
 
     logprobs: list[float] = []
