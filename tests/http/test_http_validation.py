@@ -8,6 +8,8 @@ import pytest
 
 from trillm.errors import InvalidRequestError
 from trillm.http.schemas import ChatCompletionRequest, CompletionRequest, EncodeRequest, InteractiveRequest
+from trillm.http import validation
+from trillm.http.limits import RequestLimits
 from trillm.http.validation import parse_body
 
 
@@ -118,3 +120,25 @@ def test_a_token_id_prompt_with_one_non_integer_names_it(bad: object) -> None:
     # Token-id lists are checked in one pass; anything but a plain int (bool included) takes the path that names it.
     error = error_of(CompletionRequest, {"prompt": [1, 2, bad, 4]})
     assert error.param == "prompt[2]"
+
+
+# -- large bodies: refused from byte counts, before decoding (issue 13) ---------------------------------------------
+
+
+def test_a_large_body_with_a_string_over_the_prompt_limit_is_refused_before_decoding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = RequestLimits(max_prompt_bytes=1 << 20)
+    monkeypatch.setattr(validation.json, "loads", None)  # decoding it would fail this test
+    for text in ("word " * 400_000, "some words\\n" * 200_000):  # 2 MB; 2.4 MB with escapes: at least 1.4 MB
+        raw = b'{"prompt": "' + text.encode() + b'"}'
+        with pytest.raises(InvalidRequestError, match=r"more than 1048576 bytes of text.*--max-prompt-bytes"):
+            parse_body(CompletionRequest, raw, limits)
+
+
+def test_a_large_body_of_structure_or_short_strings_is_decoded() -> None:
+    limits = RequestLimits(max_prompt_bytes=1 << 20)
+    token_ids = json.dumps({"prompt": [list(range(1, 2000))] * 200}).encode()  # 2 MB of token ids, no strings
+    escapes = json.dumps({"prompt": "\u00e9" * 300_000}).encode()  # 1.8 MB of \u00e9: 600 KB of UTF-8
+    assert len(token_ids) > validation.LARGE_BODY_BYTES and len(escapes) > validation.LARGE_BODY_BYTES
+    assert len(parse_body(CompletionRequest, token_ids, limits).prompt) == 200
+    assert parse_body(CompletionRequest, escapes, limits).prompt == "\u00e9" * 300_000

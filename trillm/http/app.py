@@ -32,7 +32,8 @@ from trillm.http.openapi import register_docs
 from trillm.http.schemas import EncodeRequest, EncodeResponse, HealthResponse, ModelCard, ModelList, encode
 from trillm.http.prompts import off_loop, prompt_size
 from trillm.http.state import ServerState, current_state
-from trillm.http.validation import parse_body
+from trillm.http.body import read_body
+from trillm.http.validation import parse_request
 from trillm.protocol.api import EngineClient
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ async def _guard() -> Response | None:
     The body is read before any early answer (401, 404, 405): hypercorn stalls the next request on a keep-alive
     connection whose previous request body was left unread. Reading it also applies the size limit (413) first.
     """
-    await request.get_data()
+    await read_body()
     config = current_state().config
     allowed_origin = _cors_origin(config, request.headers.get("Origin"))
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers and allowed_origin:
@@ -169,7 +170,7 @@ async def _model(model: str) -> Response:
 async def _encode() -> Response:
     """POST /v1/encode: token ids of a string or a list of strings."""
     state = current_state()
-    body = parse_body(EncodeRequest, await request.get_data(), state.limits)
+    body = await parse_request(EncodeRequest, await read_body(), state.limits)
     tokenizer = state.engine_for_request().tokenizer
 
     def ids(text: str) -> list[int]:

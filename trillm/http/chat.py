@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 import attrs
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 
 from trillm.http.choices import ChoiceTotals, chat_logprobs, collect_totals
 from trillm.http.errors import describe_exception
@@ -37,7 +37,8 @@ from trillm.http.state import current_state
 from trillm.http.structured import request_grammar
 from trillm.http.tools import ToolCallStream, ToolPlan, stream_delta, tool_message, tool_plan
 from trillm.http.streams import ChoiceStream
-from trillm.http.validation import parse_body
+from trillm.http.body import read_body
+from trillm.http.validation import parse_request
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class _Reply:
 async def chat_completions() -> Response:
     """OpenAI chat completion (JSON or SSE)."""
     state = current_state()
-    body = parse_body(ChatCompletionRequest, await request.get_data(), state.limits)
+    body = await parse_request(ChatCompletionRequest, await read_body(), state.limits)
     engine = state.engine_for_request(body.model)
     tokenizer = engine.tokenizer
     prompt_ids = await off_loop(chat_prompt_ids, tokenizer, body, size=prompt_size(body.messages))

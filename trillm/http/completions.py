@@ -17,7 +17,7 @@ from functools import partial
 from typing import Any
 
 import attrs
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 
 from trillm.protocol.api import CompletionOutput, FinishReason, TokenLogprob
 from trillm.http.choices import ChoiceTotals, collect_totals, completion_logprobs
@@ -44,7 +44,8 @@ from trillm.http.schemas import (
 from trillm.http.state import current_state
 from trillm.http.structured import request_grammar
 from trillm.http.streams import ChoiceStream, OutputSource
-from trillm.http.validation import parse_body
+from trillm.http.body import read_body
+from trillm.http.validation import parse_request
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def _echo_texts(tokenizer: Any, body: CompletionRequest, prompts: list[tuple[int
 async def completions() -> Response:
     """OpenAI text completion (JSON or SSE)."""
     state = current_state()
-    body = parse_body(CompletionRequest, await request.get_data(), state.limits)
+    body = await parse_request(CompletionRequest, await read_body(), state.limits)
     engine = state.engine_for_request(body.model)
     tokenizer = engine.tokenizer
     prompts = await off_loop(completion_prompts, tokenizer, body, size=prompt_size(body.prompt))

@@ -33,7 +33,8 @@ from trillm.http.prompts import interactive_sampling, message_dicts, stop_string
 from trillm.http.schemas import ErrorResponse, InteractiveRequest, InteractiveResponse, encode
 from trillm.http.state import current_state
 from trillm.http.streams import ChoiceStream
-from trillm.http.validation import parse_body
+from trillm.http.body import read_body
+from trillm.http.validation import parse_request
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _input_tokens(output: CompletionOutput) -> int:
 async def chat_interactive() -> Response:
     """One turn, a cancel, or the end of an interactive session."""
     state = current_state()
-    body = parse_body(InteractiveRequest, await request.get_data(), state.limits)
+    body = await parse_request(InteractiveRequest, await read_body(), state.limits)
     if body.cancel:  # cancel and end are accepted even while draining (API.md semantics 7)
         log.info("session %d: cancel", body.session_id)
         await state.engine_for_control().cancel_session(body.session_id)

@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar, Union
 import attrs
 import cattrs
 import msgspec
+import trio
 from cattrs.cols import is_mapping, is_sequence, list_structure_factory, mapping_structure_factory
 from cattrs.errors import BaseValidationError
 from cattrs.gen import make_dict_structure_fn
@@ -41,6 +42,8 @@ Hook = Callable[[Any, Any], Any]
 MAX_MESSAGE_ERRORS = 20  # a body with more bad fields lists the first ones and a count
 LARGE_BODY_BYTES = 1 << 20  # bodies above this are checked for their number of strings before decoding
 MAX_BODY_STRINGS = 1 << 17  # about 30 ms of decoding on the event loop
+STRUCTURE_SAMPLE_BYTES = 4096  # a long stretch between quotes is string text if its start is not all structure
+_JSON_STRUCTURE = b"0123456789.+-eE[]{},: \t\r\nnulltruefalse"  # what JSON holds outside its strings
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a UTF-16 surrogate escape: checked after decoding
 _TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit() accepts "²", which int() refuses
 _TEXT_FIELDS: dict[type, str] = {  # the field whose text the byte limit counts, per request class
@@ -281,6 +284,32 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _check_large_body(raw: bytes, max_string_bytes: int | None) -> None:
+    """The limits of a large body that byte counts can check before it is decoded (see `decode_json`).
+
+    Between two quotes lies either JSON structure or (part of) a string. A long stretch that is not structure is
+    string text, and a string of n raw bytes with k backslashes decodes to at least n - 5k bytes of UTF-8 (an
+    escape is 2 to 6 raw bytes for at least 1 decoded byte), so such a stretch proves the string too long. Only
+    searches and counts run on the whole body (no copies of it), each a short C call; the loop over the quotes is
+    Python, which lets other threads run between its iterations.
+    """
+    if raw.count(b'"') > 2 * MAX_BODY_STRINGS:
+        raise InvalidRequestError(f"The request body holds more than {MAX_BODY_STRINGS} JSON strings; no "
+                                  "request needs that many", code="limit_exceeded")
+    if max_string_bytes is None:
+        return
+    start = 0
+    while start < len(raw):
+        end = raw.find(b'"', start)
+        end = len(raw) if end == -1 else end
+        if end - start > max_string_bytes and raw[start:start + STRUCTURE_SAMPLE_BYTES].translate(None, _JSON_STRUCTURE):
+            if end - start - 5 * raw.count(b"\\", start, end) > max_string_bytes:
+                raise InvalidRequestError(
+                    f"The request body holds a string of more than {max_string_bytes} bytes of text, over this "
+                    f"server's limit of {max_string_bytes} (--max-prompt-bytes)", code="limit_exceeded")
+        start = end + 1
+
+
 def _lone_surrogate_path(value: Any, path: str) -> str | None:
     """The path of the first string in `value` holding a lone UTF-16 surrogate (not a character), else None."""
     if isinstance(value, str):
@@ -300,22 +329,22 @@ def _lone_surrogate_path(value: Any, path: str) -> str | None:
     return None
 
 
-def decode_json(raw: bytes | str) -> Any:
+def decode_json(raw: bytes | str, max_string_bytes: int | None = None) -> Any:
     """Decode a request body as strict JSON: no NaN/Infinity, no lone surrogates, bounded work for big bodies.
 
-    A body over LARGE_BODY_BYTES may hold at most MAX_BODY_STRINGS strings: decoding costs per value, on the event
-    loop, and a body of a million tiny strings would stall every other request for a quarter of a second before any
-    limit could look at it. `"\\ud800"` is valid JSON but not text (a lone surrogate cannot be encoded, tokenized or
-    logged): such a body is refused here, naming the field.
+    A body over LARGE_BODY_BYTES may hold at most MAX_BODY_STRINGS strings, and (with `max_string_bytes`, the
+    server's --max-prompt-bytes) no string longer than that: decoding costs about 6 ms per megabyte in one call that
+    holds the GIL, so a body of a million tiny strings, or a 15 MB prompt, would stall every other request (in any
+    thread) before a limit could look at it. Both are found with byte counts instead (`_check_large_body`).
+    `"\\ud800"` is valid JSON but not text (a lone surrogate cannot be encoded, tokenized or logged): such a body is
+    refused here, naming the field.
 
     Raises:
-        InvalidRequestError: the body is not valid JSON, holds invalid Unicode or too many strings (400).
+        InvalidRequestError: the body is not valid JSON, holds invalid Unicode, too many strings or too long a
+            string (400).
     """
     if len(raw) > LARGE_BODY_BYTES:
-        quote = b'"' if isinstance(raw, bytes) else '"'
-        if raw.count(quote) > 2 * MAX_BODY_STRINGS:  # type: ignore[arg-type]  # bytes with bytes, str with str
-            raise InvalidRequestError(f"The request body holds more than {MAX_BODY_STRINGS} JSON strings; no "
-                                      "request needs that many", code="limit_exceeded")
+        _check_large_body(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw, max_string_bytes)
     try:
         data = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -331,6 +360,18 @@ def decode_json(raw: bytes | str) -> Any:
     return data
 
 
+async def parse_request(cls: type[T], raw: bytes, limits: RequestLimits) -> T:
+    """`parse_body`, in a worker thread for a body over LARGE_BODY_BYTES (its byte scans and decoding take
+    milliseconds that the event loop then spends on other requests between them).
+
+    Raises:
+        InvalidRequestError: as `parse_body`.
+    """
+    if len(raw) <= LARGE_BODY_BYTES:
+        return parse_body(cls, raw, limits)
+    return await trio.to_thread.run_sync(parse_body, cls, raw, limits)
+
+
 def parse_body(cls: type[T], raw: bytes | str, limits: RequestLimits | None = None) -> T:
     """Decode and validate a request body into `cls`; with `limits`, check them before structuring it.
 
@@ -338,7 +379,7 @@ def parse_body(cls: type[T], raw: bytes | str, limits: RequestLimits | None = No
         InvalidRequestError: malformed JSON, a body that is not an object, a limit passed, any field of the wrong type
             or out of range (all of them listed; `param` is the first).
     """
-    data = decode_json(raw)
+    data = decode_json(raw, limits.max_prompt_bytes if limits is not None else None)
     if not isinstance(data, dict):
         raise InvalidRequestError(f"The request body must be a JSON object, got {_describe(data)}", code="invalid_json")
     if limits is not None and cls in _TEXT_FIELDS:
