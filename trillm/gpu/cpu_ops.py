@@ -10,6 +10,10 @@ Why a CPU op set at all: at SmolLM2-135M's sizes a decode step is ~2,000 small t
 over q and k apart, a boolean mask to skip padding slots, einsum attention with an explicit mask, a Python loop per
 prefill sequence over gathered pages. Here:
 
+- decode batches (up to `cpu_quant.MAX_ROWS` rows) run C kernels (`cpu_kernels.py`) where they are built: the
+  attention in one call per layer, rotary + KV write in one call (rotating q and k in place inside the fused qkv
+  rows), and, where `cpu_quant.pack_model` recovered a weight's GGUF blocks exactly (a GGUF model's Q4_1 / Q8_0
+  weights), the norm and the projection over those blocks; other weights and prefill keep MKL's sgemm and:
 - `rms_norm` is `F.rms_norm` (one fused kernel; bit-identical to the reference in float32 — tests check);
 - rotary rotates q and k together when they are neighbouring column ranges of one qkv row (they are, after the
   fused qkv projection's split), with a [cos, cos] / [-sin, sin] table derived once per cos/sin cache;
@@ -27,7 +31,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from trillm.gpu import reference
+from trillm.gpu import cpu_kernels, cpu_quant, reference
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +75,30 @@ def fused_linear(
     if residual is not None and norm_weight is None:
         raise ValueError("residual is added in front of the norm: pass norm_weight with it")
     summed = None
+    blocks = cpu_quant.block_weight(weight) if _is_decode_rows(x) else None
+    if blocks is not None:  # the weight's GGUF blocks (5.6× fewer bytes), the norm in C too
+        if norm_weight is not None:
+            x, summed = cpu_kernels.rms_norm(x.contiguous(), norm_weight, eps, _contiguous(residual))
+        y = cpu_quant.matmul(x, blocks)
+        if bias is not None:
+            y.add_(bias)
+        return (cpu_kernels.silu_and_mul(y) if silu_mul else y), summed
     if norm_weight is not None:
         x, summed = rms_norm(x, norm_weight, eps, residual)
     y = F.linear(x, weight, bias)
     return (silu_and_mul(y) if silu_mul else y), summed
+
+
+def _is_decode_rows(x: torch.Tensor) -> bool:
+    """A float32 [num_rows, features] batch small enough for the C decode kernels (which are built here)."""
+    return (
+        x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= cpu_quant.MAX_ROWS
+        and cpu_kernels.library() is not None
+    )
+
+
+def _contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.contiguous()
 
 
 def _rotary_table(cos_sin_cache: torch.Tensor) -> torch.Tensor:  # [max_positions, 2, rotary_dim]
@@ -98,6 +122,35 @@ def _joint_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     if k.data_ptr() != q.data_ptr() + num_heads * head_dim * q.element_size():
         return None
     return q.as_strided((q.shape[0], num_heads + k.shape[1], head_dim), q.stride())
+
+
+def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """The [num_tokens, row] tensor whose rows hold q's, k's and v's heads back to back, if their storage is one."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    row_stride = q.stride(0) if num_tokens > 1 else width  # a lone row's stride is whatever reshape chose
+    for x in (q, k, v):
+        if x.stride(2) != 1 or x.stride(1) != head_dim or (num_tokens > 1 and x.stride(0) != row_stride):
+            return None
+    step = num_heads * head_dim * q.element_size()
+    if k.data_ptr() != q.data_ptr() + step or v.data_ptr() != k.data_ptr() + num_kv_heads * head_dim * k.element_size():
+        return None
+    return q.as_strided((num_tokens, width), (row_stride, 1))  # [num_tokens, (heads + 2 kv heads) * head_dim]
+
+
+def _is_c_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, cos_sin_cache: torch.Tensor | None = None) -> bool:
+    """Whether the C decode kernels take these caches (float32, contiguous, head_dim a multiple of 8 up to 128)
+    and this rotary table (float32, contiguous, rotating whole heads)."""
+    head_dim = k_cache.shape[3]
+    if cos_sin_cache is not None and not (
+        cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous() and cos_sin_cache.shape[-1] == head_dim
+    ):
+        return False
+    return (
+        k_cache.dtype == v_cache.dtype == torch.float32 and k_cache.is_contiguous() and v_cache.is_contiguous()
+        and head_dim % 8 == 0 and head_dim <= cpu_kernels.MAX_HEAD_DIM and cpu_kernels.library() is not None
+    )
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -150,6 +203,11 @@ def rotary_cache_write(
     """`reference.rotary_cache_write`: returns (rotated q, rotated k), stores rotated k and v at their slots."""
     if q.dtype != torch.float32 or cos_sin_cache.shape[-1] != q.shape[-1]:
         return reference.rotary_cache_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    fused = _fused_qkv(q, k, v)
+    if fused is not None and q.shape[0] <= cpu_quant.MAX_ROWS and _is_c_cache(k_cache, v_cache, cos_sin_cache):
+        cpu_kernels.rotary_cache_write(fused, q.shape[1], k.shape[1], positions.long(), cos_sin_cache, k_cache,
+                                       v_cache, slot_mapping.long())  # fmt: skip
+        return q, k  # rotated in place
     cos, sin = _rotary_table(cos_sin_cache).index_select(0, positions.long()).unsqueeze(2).unbind(1)
     # cos, sin: [num_tokens, 1, head_dim] each
     joint = _joint_heads(q, k)
@@ -188,6 +246,10 @@ def paged_decode_attention(
     """
     if q.dtype != torch.float32:
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if q.stride(2) == 1 and q.stride(1) == q.shape[2] and _is_c_cache(k_cache, v_cache):
+        tables = block_tables.to(torch.int32).contiguous()  # [num_seqs, max_blocks_per_seq]
+        return cpu_kernels.decode_attention(q, k_cache, v_cache, tables, context_lens.to(torch.int32).contiguous(),
+                                            scale)  # fmt: skip
     num_seqs, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
     group = num_heads // num_kv_heads

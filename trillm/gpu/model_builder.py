@@ -5,7 +5,9 @@ Runs outside the event loop, inside a rank process (`ModelRunner.__init__` calls
 Op sets: CPU runs `gpu/cpu_ops.py` (the reference ops' results in fewer torch calls). CUDA runs the CuPy kernels of
 `gpu/kernels/` in bfloat16/float16; float32, or a shape the kernels do not support (head_dim other than 64/128), runs
 the reference ops on the GPU, eagerly (`kernels_support` says why). On CUDA the projection weights are stored column-major (`column_major_weights`):
-cuBLAS streams them faster at decode batch sizes.
+cuBLAS streams them faster at decode batch sizes. On CPU in float32, weights that hold GGUF blocks exactly (a GGUF
+model's, dequantized by the loader) are kept as those blocks too, for the decode kernels of `gpu/cpu_quant.py`
+(TRILLM_CPU_BLOCKS=0: dense only, for benchmarks).
 
 Weights: a random preset (`random:<name>`) draws its weights on the device from RANDOM_SEED; any other model path is
 a HF-style folder whose safetensors files are streamed into the rank's shards. Either way each rank reads or draws
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from trillm.errors import ModelLoadError
-from trillm.gpu import cpu_ops, deterministic_ops, kernels, reference
+from trillm.gpu import cpu_ops, cpu_quant, deterministic_ops, kernels, reference
 from trillm.models.layers import AllReduce, ColumnParallelLinear, RowParallelLinear
 from trillm.models.llama import LlamaArgs, LlamaForCausalLM, checkpoint_shapes
 from trillm.models.loader import check_architecture, read_hf_config
@@ -124,4 +126,6 @@ def build_model(
     model.load_weights(weights)
     if device.type == "cuda" and ops is not deterministic_ops:  # det_linear reads row-major weights
         column_major_weights(model)
+    elif device.type == "cpu" and dtype == torch.float32 and os.environ.get("TRILLM_CPU_BLOCKS", "1") != "0":
+        log.info("CPU decode reads GGUF blocks for %d weights (gpu/cpu_quant.py)", cpu_quant.pack_model(model))
     return model.eval()

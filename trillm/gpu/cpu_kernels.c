@@ -1,0 +1,266 @@
+/* CPU decode kernels: block-quantized matrix products, RMSNorm, rotary + KV write, paged decode attention (float32).
+ *
+ * Built by gpu/cpu_kernels.py (AVX2 + FMA, no FP contraction: each C expression rounds as written) and called through
+ * ctypes from gpu/cpu_ops.py for decode batches, where a step is a few hundred tiny torch calls otherwise.
+ *
+ * Block matmul layout: rows of W in groups of 4, each group's blocks interleaved so that one group is one sequential stream:
+ *   group g = rows 4g .. 4g+3: for block b = 0 .. K/32-1: for row r = 0 .. 3: the block record of row 4g+r.
+ *   Q4_1 record (24 bytes): float d, float m, 16 bytes: low nibble of byte j = element j, high nibble = element j+16.
+ *       w = fma(q, d, m): one rounding, as gguf's dequantize computes d * q + m (d * q is exact).
+ *   Q8_0 record (36 bytes): float d, 32 int8. w = q * d (exact: an fp16 scale times 8 bits).
+ * x [M][K] float32, y [M][N] float32 (N a multiple of 4, K of 32). Each dot product sums in float32 in its own order,
+ * as any sgemm does. Work splits over row groups between OpenMP threads (torch's libgomp: the same pool as torch's).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define Q4_1_BYTES 24
+#define Q8_0_BYTES 36
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void q4_1_block(const uint8_t *p, __m256 w[4]) {
+    float d, m;
+    memcpy(&d, p, 4);
+    memcpy(&m, p + 4, 4);
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)(p + 8)), nib = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, nib), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+    const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo))), vd, vm);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi))), vd, vm);
+}
+
+static inline __attribute__((always_inline)) void q8_0_block(const uint8_t *p, __m256 w[4]) {
+    float d;
+    memcpy(&d, p, 4);
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int i = 0; i < 4; i++) {
+        const __m128i q = _mm_loadl_epi64((const __m128i *)(p + 4 + 8 * i));
+        w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vd);
+    }
+}
+
+/* One tile: MR rows of x against rows r0 .. r0+NR-1 of one group; ACC accumulators per (x row, W row) pair. */
+#define TILE(NAME, BLOCK, BYTES, MR, NR)                                                                              \
+    static void NAME##_##MR##x##NR(const float *x, long K, const uint8_t *group, int r0, float *y, long N) {        \
+        enum { ACC = (MR) * (NR) >= 4 ? 1 : 2 };                                                                     \
+        const long nb = K / 32;                                                                                      \
+        __m256 acc[NR][MR][ACC];                                                                                     \
+        for (int r = 0; r < NR; r++)                                                                                 \
+            for (int i = 0; i < MR; i++)                                                                             \
+                for (int a = 0; a < ACC; a++) acc[r][i][a] = _mm256_setzero_ps();                                    \
+        for (long b = 0; b < nb; b++) {                                                                              \
+            const uint8_t *records = group + b * 4 * (BYTES);                                                        \
+            _mm_prefetch((const char *)(records + 8 * 4 * (BYTES)), _MM_HINT_T0);                                   \
+            _mm_prefetch((const char *)(records + 8 * 4 * (BYTES) + 64), _MM_HINT_T0);                              \
+            for (int r = 0; r < NR; r++) {                                                                           \
+                __m256 w[4];                                                                                         \
+                BLOCK(records + (r0 + r) * (BYTES), w);                                                              \
+                for (int i = 0; i < MR; i++) {                                                                       \
+                    const float *xp = x + i * K + b * 32;                                                            \
+                    for (int j = 0; j < 4; j++)                                                                      \
+                        acc[r][i][j % ACC] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8 * j), w[j], acc[r][i][j % ACC]); \
+                }                                                                                                    \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (int r = 0; r < NR; r++)                                                                                 \
+            for (int i = 0; i < MR; i++) {                                                                           \
+                __m256 s = acc[r][i][0];                                                                             \
+                if (ACC == 2) s = _mm256_add_ps(s, acc[r][i][ACC - 1]);                                              \
+                y[i * N + r0 + r] = hsum(s);                                                                         \
+            }                                                                                                        \
+    }
+
+#define KERNEL(NAME, BLOCK, BYTES)                                                                                    \
+    TILE(NAME, BLOCK, BYTES, 1, 4)                                                                                   \
+    TILE(NAME, BLOCK, BYTES, 2, 4)                                                                                   \
+    TILE(NAME, BLOCK, BYTES, 3, 4)                                                                                   \
+    TILE(NAME, BLOCK, BYTES, 4, 2)                                                                                   \
+    TILE(NAME, BLOCK, BYTES, 8, 1)                                                                                   \
+    /* one group of 4 rows of W (y's columns 4g .. 4g+3, y advanced to them) against all M rows of x */             \
+    static void NAME##_group(const float *x, long M, long K, const uint8_t *group, float *y, long N) {              \
+        for (long m0 = 0; m0 < M;) {                                                                                 \
+            const long left = M - m0;                                                                                \
+            const float *xm = x + m0 * K;                                                                            \
+            float *ym = y + m0 * N;                                                                                  \
+            if (left >= 8) {                                                                                         \
+                for (int r = 0; r < 4; r++) NAME##_8x1(xm, K, group, r, ym, N);                                      \
+                m0 += 8;                                                                                             \
+            } else if (left >= 4) {                                                                                  \
+                NAME##_4x2(xm, K, group, 0, ym, N);                                                                  \
+                NAME##_4x2(xm, K, group, 2, ym, N);                                                                  \
+                m0 += 4;                                                                                             \
+            } else if (left == 3) {                                                                                  \
+                NAME##_3x4(xm, K, group, 0, ym, N);                                                                  \
+                m0 += 3;                                                                                             \
+            } else if (left == 2) {                                                                                  \
+                NAME##_2x4(xm, K, group, 0, ym, N);                                                                  \
+                m0 += 2;                                                                                             \
+            } else {                                                                                                 \
+                NAME##_1x4(xm, K, group, 0, ym, N);                                                                  \
+                m0 += 1;                                                                                             \
+            }                                                                                                        \
+        }                                                                                                            \
+    }                                                                                                                \
+    void trillm_##NAME##_matmul(const float *x, long M, long K, const uint8_t *w, long N, float *y) {               \
+        const long groups = N / 4, group_bytes = K / 32 * 4 * (BYTES);                                               \
+        _Pragma("omp parallel for schedule(static)") for (long g = 0; g < groups; g++)                               \
+            NAME##_group(x, M, K, w + g * group_bytes, y + 4 * g, N);                                                \
+    }
+
+KERNEL(q4_1, q4_1_block, Q4_1_BYTES)
+KERNEL(q8_0, q8_0_block, Q8_0_BYTES)
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * RMSNorm with the residual add: summed = x + residual (when residual), y = (s * (1 / sqrt(mean(s²) + eps))) * w.
+ * x, residual, summed, y: [M][K] contiguous (summed may alias x or residual). */
+void trillm_rms_norm(const float *x, const float *residual, float *summed, const float *w, float eps, long M, long K,
+                     float *y) {
+    for (long i = 0; i < M; i++) {
+        const float *xi = x + i * K;
+        if (residual) {
+            for (long j = 0; j < K; j++) summed[i * K + j] = xi[j] + residual[i * K + j];
+            xi = summed + i * K;
+        }
+        double sum = 0.0;
+        for (long j = 0; j < K; j++) sum += (double)xi[j] * xi[j];
+        const float inv = 1.0f / sqrtf((float)(sum / K) + eps);
+        for (long j = 0; j < K; j++) y[i * K + j] = (xi[j] * inv) * w[j];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * Rotate-half rotary over q and k heads in place, then k and v into the paged caches.
+ * qkv [T][row_stride]: q heads at column 0, k heads at q_cols, v heads at q_cols + kv_cols (each head D floats).
+ * cos_sin [max_pos][D]: cos in the first D/2 columns, sin in the rest. Caches [blocks][kv_heads][block_size][D].
+ * first half: x1 * cos + x2 * -sin; second half: x2 * cos + x1 * sin (each product and sum rounded, as cpu_ops). */
+static void rotate_head(float *h, const float *cs, long D) {
+    const long half = D / 2;
+    for (long j = 0; j < half; j++) {
+        const float c = cs[j], s = cs[half + j], x1 = h[j], x2 = h[half + j];
+        const float a = x1 * c, b = x2 * -s, e = x2 * c, f = x1 * s;
+        h[j] = a + b;
+        h[half + j] = e + f;
+    }
+}
+
+void trillm_rotary_cache_write(float *qkv, long T, long row_stride, long num_heads, long num_kv_heads, long D,
+                               const int64_t *positions, const float *cos_sin, const int64_t *slots, float *k_cache,
+                               float *v_cache, long block_size) {
+    for (long t = 0; t < T; t++) {
+        float *row = qkv + t * row_stride;
+        const float *cs = cos_sin + positions[t] * D;
+        for (long h = 0; h < num_heads + num_kv_heads; h++) rotate_head(row + h * D, cs, D);
+        if (slots[t] < 0) continue;
+        const long block = slots[t] / block_size, offset = slots[t] % block_size;
+        for (long h = 0; h < num_kv_heads; h++) {
+            const long at = ((block * num_kv_heads + h) * block_size + offset) * D;
+            memcpy(k_cache + at, row + (num_heads + h) * D, D * sizeof(float));
+            memcpy(v_cache + at, row + (num_heads + num_kv_heads + h) * D, D * sizeof(float));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * Paged decode attention, one query per sequence: out[s][h] = softmax(q·K * scale) V over the sequence's context.
+ * q [S][q_stride] (head h at column h * D), out [S][H][D], tables [S][max_blocks] int32, context_lens [S] int32.
+ * One task per (sequence, KV head) serves the group of query heads that share it. exp: Cephes-style polynomial,
+ * within 2 ulp of expf. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
+    x = _mm256_sub_ps(x, _mm256_mul_ps(fx, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static inline float dot(const float *a, const float *b, long D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (long j = 0; j < D; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    return hsum(acc);
+}
+
+#define MAX_HEAD_DIM 128
+
+void trillm_decode_attention(const float *q, long q_stride, const float *k_cache, const float *v_cache,
+                             const int32_t *tables, long max_blocks, const int32_t *context_lens, long S, long H,
+                             long KVH, long D, long block_size, float scale, float *out) {
+    const long group = H / KVH;
+#pragma omp parallel for schedule(static) if (S * KVH > 1)
+    for (long task = 0; task < S * KVH; task++) {
+        const long s = task / KVH, kvh = task % KVH, n = context_lens[s];
+        const int32_t *table = tables + s * max_blocks;
+        float *p = malloc(n * sizeof(float));  /* one head's scores at a time */
+        for (long g = 0; g < group; g++) {
+            const long h = kvh * group + g;
+            const float *qh = q + s * q_stride + h * D;
+            float top = -INFINITY;
+            for (long t = 0; t < n; t++) {
+                const float *k = k_cache + (((long)table[t / block_size] * KVH + kvh) * block_size + t % block_size) * D;
+                p[t] = dot(qh, k, D) * scale;
+                top = p[t] > top ? p[t] : top;
+            }
+            __m256 vsum = _mm256_setzero_ps();
+            const __m256 vtop = _mm256_set1_ps(top);
+            long t = 0;
+            for (; t + 8 <= n; t += 8) {
+                const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + t), vtop));
+                _mm256_storeu_ps(p + t, e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+            float sum = hsum(vsum);
+            for (; t < n; t++) {
+                p[t] = expf(p[t] - top);
+                sum += p[t];
+            }
+            const float inv = 1.0f / sum;
+            __m256 acc[MAX_HEAD_DIM / 8];
+            const long nv = D / 8;
+            for (long j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
+            for (t = 0; t < n; t++) {
+                const float *v = v_cache + (((long)table[t / block_size] * KVH + kvh) * block_size + t % block_size) * D;
+                const __m256 w = _mm256_set1_ps(p[t] * inv);
+                for (long j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+            }
+            float *o = out + (s * H + h) * D;
+            for (long j = 0; j < nv; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
+        }
+        free(p);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * SwiGLU: out[i][j] = silu(x[i][j]) * x[i][F + j] for x [M][2F], out [M][F]; silu(g) = g / (1 + exp(-g)). */
+void trillm_silu_and_mul(const float *x, long M, long F, float *out) {
+    for (long i = 0; i < M; i++) {
+        const float *gate = x + i * 2 * F, *up = gate + F;
+        float *o = out + i * F;
+        long j = 0;
+        for (; j + 8 <= F; j += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + j);
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + j)));
+        }
+        for (; j < F; j++) o[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+    }
+}
