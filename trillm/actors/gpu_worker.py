@@ -86,6 +86,10 @@ def runner_configs(config: EngineConfig, model_path: str, device: str) -> list[R
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     max_batch_size = config.max_batch_size or (256 if device == "cuda" else 64)
     init_method = f"tcp://127.0.0.1:{free_loopback_port()}" if config.tp > 1 else ""
+    if config.deterministic and config.tp > 2:
+        log.warning("--deterministic at --tp %d: the kernels are batch-invariant, but all-reduces too large for the "
+                    "IPC kernels go through NCCL, which sums more than two ranks in an order that follows the "
+                    "message size (docs/deterministic.md)", config.tp)
     return [
         RunnerConfig(
             model_path=model_path,

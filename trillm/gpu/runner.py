@@ -185,13 +185,16 @@ class ModelRunner:
         cfg, args = self.config, self.args
         if self.ops is not kernels and self.ops is not deterministic_ops:
             return
-        shape = dict(head_dim=args.head_dim, num_heads=args.num_heads // cfg.world_size,
-                     num_kv_heads=self.layout.num_kv_heads)  # per rank (replicated KV heads: 1)
+        head_dim, num_heads = args.head_dim, args.num_heads // cfg.world_size
+        num_kv_heads = self.layout.num_kv_heads  # per rank (replicated KV heads: 1)
         if self.ops is deterministic_ops:
-            kernels.compile_kernels(kernels.kernel_names(self.dtype, **shape)
-                                    + det_kernels.kernel_names(self.dtype, **shape), device=self.device)
+            names = kernels.kernel_names(self.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
+            names += det_kernels.kernel_names(self.dtype, head_dim=head_dim, num_heads=num_heads,
+                                              num_kv_heads=num_kv_heads)  # fmt: skip
+            kernels.compile_kernels(names, device=self.device)
         else:
-            kernels.compile_for_model(self.dtype, **shape, device=self.device)
+            kernels.compile_for_model(self.dtype, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                      device=self.device)  # fmt: skip
         if not cfg.enable_cuda_graph:
             return
         # With tensor parallelism the graphs hold the NCCL all-reduces too (NCCL supports stream capture): every rank
