@@ -216,7 +216,8 @@ class FakeEngine:
         if self.is_draining:
             raise EngineDrainingError("draining")
         if num_prompt_tokens == 0:
-            raise InvalidRequestError(f"{prompt_field} is empty: there is nothing to continue from", param=prompt_field)
+            raise InvalidRequestError(f"{prompt_field} is empty: there is nothing to continue from", param=prompt_field,
+                                      code="empty_prompt")
         if num_prompt_tokens >= self.max_model_len:
             raise ContextLengthExceededError(num_prompt_tokens, self.max_model_len, param=prompt_field)
 

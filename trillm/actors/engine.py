@@ -344,7 +344,8 @@ class Engine:
         num_prompt_tokens = len(request.prompt_token_ids)
         if num_prompt_tokens == 0:
             raise InvalidRequestError(
-                f"{request.prompt_field} is empty: there is nothing to continue from", param=request.prompt_field
+                f"{request.prompt_field} is empty: there is nothing to continue from", param=request.prompt_field,
+                code="empty_prompt",  # the model's tokenizer made no token of it (a BOS-adding one would)
             )
         if request.n < 1:
             raise InvalidRequestError(f"n must be >= 1, got {request.n}", param="n")

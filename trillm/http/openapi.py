@@ -176,6 +176,10 @@ def _apply_shape_rules(components: dict[str, Any]) -> None:
             target = member.get("items", member) if member.get("type") == "array" else member
             if target.get("type") == "string":
                 target["minLength"] = 1
+    for schema in ("ChatCompletionRequest", "CompletionRequest"):  # logit_bias keys are token ids
+        for member in components[schema]["properties"]["logit_bias"].get("anyOf", []):
+            if member.get("type") == "object":
+                member["propertyNames"] = {"pattern": "^[0-9]{1,10}$"}  # validation._TOKEN_ID_KEY
 
 
 def _mark_int64(schema: Any) -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 OPENAI_DEFAULTS: Mapping[str, float | int] = {
     "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
 }
+TOKEN_ID_OUT_OF_VOCAB = "token_id_out_of_vocab"  # the error code of a token id past the model's vocabulary
 OFF_LOOP_CHARS = 16 << 10  # prompts longer than this are rendered and tokenized in a worker thread
 T = TypeVar("T")
 
@@ -108,8 +109,8 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
     for i, token_id in enumerate(ids):
         if not 0 <= token_id < vocab_size:
             raise InvalidRequestError(
-                f"{param}[{i}]: token id {token_id} is outside the vocabulary [0, {vocab_size})", param=param
-            )
+                f"{param}[{i}]: token id {token_id} is outside the vocabulary [0, {vocab_size})", param=param,
+                code=TOKEN_ID_OUT_OF_VOCAB)
 
 
 def _pick(value: float | int | None, name: str, defaults: Mapping[str, float | int]) -> Any:

@@ -176,7 +176,7 @@ class ChatCompletionRequest(SamplingFields):
     do_preprocess: bool = True  # false: the messages' text is the prompt, no chat template
     tools: list[ToolDefinition] | None = None
     # "none", "auto", "required", or {"type": "function", "function": {"name": ...}} (checked in http/tools.py)
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
 
 

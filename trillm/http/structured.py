@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from trillm.errors import InvalidRequestError
+from trillm.http.validation import INVALID_COMBINATION
 from trillm.http.schemas import SamplingFields
 from trillm.structured.grammar import (
     GrammarError,
@@ -33,6 +34,7 @@ from trillm.structured.grammar import (
     regex_grammar,
 )
 
+INVALID_GRAMMAR = "invalid_grammar"  # the 400 code of a constraint (regex, schema, grammar) that does not compile
 log = logging.getLogger(__name__)
 
 
@@ -49,12 +51,13 @@ def request_grammar(body: SamplingFields) -> str | None:
     if not given:
         return None
     if len(given) > 1:
-        raise InvalidRequestError(f"give at most one output constraint, got {', '.join(given)}", param=given[1])
+        raise InvalidRequestError(f"give at most one output constraint, got {', '.join(given)}", param=given[1],
+                                  code=INVALID_COMBINATION)
     field = given[0]
     try:
         return _grammar(body, field)
     except GrammarError as exc:
-        raise InvalidRequestError(str(exc), param=field) from None
+        raise InvalidRequestError(str(exc), param=field, code=INVALID_GRAMMAR) from None
 
 
 _GUIDED: dict[str, Callable[[Any], str]] = {  # vLLM's fields → the grammar of their value

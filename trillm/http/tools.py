@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 
 from trillm.errors import InvalidRequestError
+from trillm.http.validation import INVALID_COMBINATION
 from trillm.http.schemas import (
     ChatCompletionRequest,
     ChatResponseMessage,
@@ -77,7 +78,7 @@ def tool_plan(body: ChatCompletionRequest, tokenizer: TextCodec) -> ToolPlan | N
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none", "auto"):
-            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+            raise InvalidRequestError("tool_choice needs tools", param="tool_choice", code=INVALID_COMBINATION)
         return None
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or "tools" not in template:
@@ -93,7 +94,7 @@ def tool_plan(body: ChatCompletionRequest, tokenizer: TextCodec) -> ToolPlan | N
         chosen = [f for f in functions if f[0] == name]
         if not chosen:
             raise InvalidRequestError(f"tool_choice names no function of tools: {json.dumps(choice)}",
-                                      param="tool_choice")
+                                      param="tool_choice", code=INVALID_COMBINATION)
         functions = chosen
     elif choice != "required":
         raise InvalidRequestError(f"tool_choice must be none, auto, required or a named function, got {choice!r}",

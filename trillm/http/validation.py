@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Hook = Callable[[Any, Any], Any]
+INVALID_COMBINATION = "invalid_combination"  # the 400 code of a rule between fields (`_combination_checks`)
 MAX_MESSAGE_ERRORS = 20  # a body with more bad fields lists the first ones and a count
 LARGE_BODY_BYTES = 1 << 20  # bodies above this are checked for their number of strings before decoding
 MAX_BODY_STRINGS = 1 << 17  # about 30 ms of decoding on the event loop
@@ -265,12 +266,12 @@ def _in_body_order(errors: list[tuple[str | None, str]], keys: list[str]) -> lis
     return sorted(errors, key=position)  # stable: errors within one field keep their order
 
 
-def _fail(errors: list[tuple[str | None, str]]) -> InvalidRequestError:
+def _fail(errors: list[tuple[str | None, str]], code: str = "invalid_value") -> InvalidRequestError:
     shown = [f"{param}: {message}" if param else message for param, message in errors[:MAX_MESSAGE_ERRORS]]
     more = f" (and {len(errors) - MAX_MESSAGE_ERRORS} more)" if len(errors) > MAX_MESSAGE_ERRORS else ""
     noun = "field" if len(errors) == 1 else "fields"
     message = f"{len(errors)} invalid {noun}: " + "; ".join(shown) + more
-    return InvalidRequestError(message, param=errors[0][0], code="invalid_value")
+    return InvalidRequestError(message, param=errors[0][0], code=code)
 
 
 def _reject_constant(name: str) -> float:
@@ -391,6 +392,9 @@ def parse_body(cls: type[T], raw: bytes | str, limits: RequestLimits | None = No
     errors = _cross_checks(value)
     if errors:
         raise _fail(errors)
+    errors = _combination_checks(value)
+    if errors:
+        raise _fail(errors, code=INVALID_COMBINATION)
     return value
 
 
@@ -404,20 +408,29 @@ def _cross_checks(value: object) -> list[tuple[str | None, str]]:
     bad_keys = [key for key in logit_bias if not _TOKEN_ID_KEY.fullmatch(key)]
     if bad_keys:
         errors.append(("logit_bias", f"keys must be token ids (non-negative integers as strings), got {bad_keys[0]!r}"))
-    if getattr(value, "stream_options", None) is not None and not getattr(value, "stream", False):
-        errors.append(("stream_options", "stream_options is only allowed when stream is true"))
     if isinstance(value, ChatCompletionRequest):
         if isinstance(value.messages, list) and not value.messages:
             errors.append(("messages", "must contain at least one message"))
-        if value.top_logprobs and not value.logprobs:  # 0 is harmless (LMDeploy's client sends it)
-            errors.append(("top_logprobs", "top_logprobs requires logprobs to be true"))
     elif isinstance(value, CompletionRequest):
         errors.extend(_prompt_shape_errors(value.prompt))
     elif isinstance(value, InteractiveRequest):
-        if value.cancel and value.session_id == -1:
-            errors.append(("session_id", "cancel needs the session_id of an existing session, not -1"))
         if isinstance(value.prompt, list) and not value.prompt:
             errors.append(("prompt", "must contain at least one message"))
+    return errors
+
+
+def _combination_checks(value: object) -> list[tuple[str | None, str]]:
+    """Rules between fields, which the OpenAPI document states in the fields' descriptions only (JSON Schema has
+    no plain way to say them): their 400 carries code `invalid_combination`."""
+    errors: list[tuple[str | None, str]] = []
+    if getattr(value, "stream_options", None) is not None and not getattr(value, "stream", False):
+        errors.append(("stream_options", "stream_options is only allowed when stream is true"))
+    if isinstance(value, ChatCompletionRequest):
+        if value.top_logprobs and not value.logprobs:  # 0 is harmless (LMDeploy's client sends it)
+            errors.append(("top_logprobs", "top_logprobs requires logprobs to be true"))
+    elif isinstance(value, InteractiveRequest):
+        if value.cancel and value.session_id == -1:
+            errors.append(("session_id", "cancel needs the session_id of an existing session, not -1"))
     return errors
 
 
