@@ -219,3 +219,17 @@ async def test_engine_notices_a_rank_killed_while_idle(monkeypatch: pytest.Monke
             while engine.is_alive:
                 await trio.sleep(0.01)
         assert engine.failure == "rank 0 process died (exit code -9)"
+
+
+async def test_a_step_out_of_device_memory_fails_the_engine_saying_what_to_lower(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real rank loop (rank_main) whose runner raises torch.cuda.OutOfMemoryError in step 3 (fake_rank.py).
+    async with spawned_engine("oom-at-step-3", monkeypatch) as engine:
+        with pytest.raises(EngineDeadError) as info:
+            async with engine.generate(greedy((100, 101, 102), 20)) as outputs:
+                async for _ in outputs:
+                    pass
+        assert "OutOfMemoryError: CUDA out of memory" in str(info.value)
+        assert "--max-batch-size" in str(info.value)
+        assert not engine.is_alive and "OutOfMemoryError" in (engine.failure or "")
+    assert not live_rank_children()

@@ -104,22 +104,25 @@ def engine_server(model: str, **engine_fields: Any) -> Iterator[LiveServer]:
 
 
 class InProcessEngineServer(LiveServer):
-    """A live server over a real Engine (Batcher, Scheduler, core thread) whose rank is an in-process runner.
+    """A live server over a real Engine (Batcher, Scheduler, core thread) whose rank is an in-process runner, or
+    with `rank_target` a spawned stand-in rank process ("module:function", e.g. tests/actors/fake_rank.py).
 
     The Engine is opened inside the server's own Trio run, before hypercorn starts, and closed after it stops.
     """
 
-    def __init__(self, config: ServerConfig, runner: Any, tokenizer: Any) -> None:
+    def __init__(self, config: ServerConfig, runner: Any, tokenizer: Any, rank_target: str | None = None) -> None:
         super().__init__(app=None)
         self._config = config
         self._runner = runner
         self._tokenizer = tokenizer
+        self._rank_target = rank_target
 
     async def _serve(self) -> None:
         from trillm.actors.engine import Engine
         from trillm.http.app import create_app
 
-        async with Engine.open(self._config.engine, runner_factory=lambda _: self._runner,
-                               tokenizer=self._tokenizer) as engine:
+        runner_factory = None if self._runner is None else (lambda _: self._runner)
+        async with Engine.open(self._config.engine, runner_factory=runner_factory, tokenizer=self._tokenizer,
+                               rank_target=self._rank_target) as engine:
             self.app = create_app(self._config, engine=engine)
             await super()._serve()

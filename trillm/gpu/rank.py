@@ -49,6 +49,8 @@ def recv_message(sock: socket.socket, decoder: FrameDecoder) -> Any:
     return message
 
 
+OUT_OF_MEMORY_HINT = (" (the device ran out of memory during a step; restart with a smaller --max-batch-size, "
+                      "--max-prefill-token-num or --cache-max-entry-count)")
 POLL_S = 50e-6  # while a step runs: how long one wait for the next plan lasts before the step is checked again
 
 
@@ -138,7 +140,10 @@ def _serve(config: RunnerConfig, sock: socket.socket) -> int:
         return 1
     except Exception as exc:
         log.exception("rank %d failed", config.rank)
-        failure = RankFailed(rank=config.rank, message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        message = f"{type(exc).__name__}: {exc}"
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda's: say which settings make a step smaller
+            message += OUT_OF_MEMORY_HINT
+        failure = RankFailed(rank=config.rank, message=message, traceback=traceback.format_exc())
         try:
             send_message(sock, failure)
         except OSError:
