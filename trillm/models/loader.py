@@ -9,7 +9,9 @@ Specs, in the order they are tried:
 - an existing folder: returned as is once it holds a config.json of a supported architecture.
 - a `.gguf` file: converted once into `<cache_dir>/gguf/<stem>-<key>/`, key = hash of path + size + mtime. The
   conversion writes into a temporary sibling folder and renames it into place, so concurrent processes never see a
-  half-written folder (the loser of a rename race throws its copy away).
+  half-written folder (the loser of a rename race throws its copy away). A cached folder is checked before use
+  (`converted_folder_problem`: JSON files parse, safetensors files have the length their headers say); a damaged
+  one (a truncated or overwritten file) is discarded with a warning and converted again.
 - "org/name": a hub repo, fetched with `huggingface_hub.snapshot_download` (config, tokenizer, generation config and
   safetensors only; offline mode and its cache are honoured).
 
@@ -204,7 +206,14 @@ def _resolve_gguf(path: Path, cache_dir: str | None) -> str:
     digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTER_VERSION}".encode())
     final = root / "gguf" / f"{path.stem}-{digest.hexdigest()[:16]}"
     if (final / "config.json").is_file():
-        return str(final)
+        problem = converted_folder_problem(final)
+        if problem is None:
+            return str(final)
+        log.warning("the converted model in %s is damaged (%s): discarding it and converting %s again", final,
+                    problem, path)
+        discarded = final.with_name(f".{final.name}.damaged-{os.getpid()}")
+        os.rename(final, discarded)  # out of the way at once: another process converts into a fresh folder
+        shutil.rmtree(discarded, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     scratch.chmod(0o755)
@@ -220,6 +229,58 @@ def _resolve_gguf(path: Path, cache_dir: str | None) -> str:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return str(final)
+
+
+def converted_folder_problem(folder: Path) -> str | None:
+    """What is wrong with a converted folder in the cache (a truncated or garbled file), or None if it looks whole.
+
+    Checks every JSON file parses and every safetensors file is exactly as long as its header says (8-byte header
+    size, JSON header, then the tensors up to the largest end offset): a copy cut short, a file zeroed or overwritten
+    by something else is found; a flipped bit inside tensor data is not (that would need a hash of every byte).
+    """
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "model.safetensors.index.json"):
+        file = folder / name
+        if not file.exists():
+            if name in ("config.json", "tokenizer.json"):
+                return f"{name} is missing"
+            continue
+        try:
+            json.loads(file.read_bytes())
+        except (OSError, ValueError) as exc:
+            return f"{name} is not valid JSON ({exc})"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return "it holds no safetensors file"
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem is not None:
+            return f"{file.name} {problem}"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file is not whole (see converted_folder_problem), or None."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is cut short ({size} bytes)"
+        header_size = int.from_bytes(head, "little")
+        if header_size > size - 8:
+            return f"is cut short or garbled (a {header_size}-byte header in {size} bytes)"
+        try:
+            header = json.loads(f.read(header_size))
+        except ValueError as exc:
+            return f"has a garbled header ({exc})"
+    if not isinstance(header, dict):
+        return "has a garbled header"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    expected = 8 + header_size + max(ends, default=0)
+    if size != expected:
+        return f"is {size} bytes where its header says {expected}"
+    return None
 
 
 _GGUF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
