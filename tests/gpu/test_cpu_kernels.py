@@ -94,16 +94,21 @@ def test_rotary_cache_write_in_place_is_bit_identical(num_heads: int, num_kv_hea
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
 
-def test_decode_attention_and_swiglu_match_the_reference() -> None:
-    g = _generator(5)
-    k_cache, v_cache = torch.randn(2, NUM_BLOCKS, 3, BLOCK_SIZE, HEAD_DIM, generator=g)
-    q = torch.randn(3, 9, HEAD_DIM, generator=g)
-    tables = torch.randperm(NUM_BLOCKS, generator=g)[:12].reshape(3, 4).to(torch.int32)
-    context_lens = torch.tensor([1, 17, 64], dtype=torch.int32)
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "lens"), [(9, 3, [1, 17, 64]), (16, 2, [100, 128, 128])])
+def test_decode_attention_matches_the_reference(num_heads: int, num_kv_heads: int, lens: list[int]) -> None:
+    """Few positions run on one thread, many (16 heads × 356 positions) on all (cpu_kernels.c PARALLEL_POSITIONS)."""
+    g = _generator(num_heads)
+    k_cache, v_cache = torch.randn(2, NUM_BLOCKS, num_kv_heads, BLOCK_SIZE, HEAD_DIM, generator=g)
+    q = torch.randn(3, num_heads, HEAD_DIM, generator=g)
+    tables = torch.randperm(NUM_BLOCKS, generator=g).reshape(3, 8).to(torch.int32)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
     ours = cpu_kernels.decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125)
     theirs = reference.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
-    x = torch.randn(3, 2 * 100, generator=g) * 4
+
+
+def test_swiglu_matches_the_reference() -> None:
+    x = torch.randn(3, 2 * 100, generator=_generator(6)) * 4
     torch.testing.assert_close(cpu_kernels.silu_and_mul(x), reference.silu_and_mul(x), rtol=2e-6, atol=1e-6)
 
 

@@ -200,12 +200,15 @@ static inline float dot(const float *a, const float *b, long D) {
 }
 
 #define MAX_HEAD_DIM 128
+#define PARALLEL_POSITIONS 4096 /* query heads × cached positions: ~0.5 M multiply-adds at head_dim 64 */
 
 void trillm_decode_attention(const float *q, long q_stride, const float *k_cache, const float *v_cache,
                              const int32_t *tables, long max_blocks, const int32_t *context_lens, long S, long H,
                              long KVH, long D, long block_size, float scale, float *out) {
     const long group = H / KVH;
-#pragma omp parallel for schedule(static) if (S * KVH > 1)
+    long positions = 0;  /* below PARALLEL_POSITIONS the threads' start and end barrier costs more than the work */
+    for (long s = 0; s < S; s++) positions += context_lens[s];
+#pragma omp parallel for schedule(static) if (S * KVH > 1 && positions * H >= PARALLEL_POSITIONS)
     for (long task = 0; task < S * KVH; task++) {
         const long s = task / KVH, kvh = task % KVH, n = context_lens[s];
         const int32_t *table = tables + s * max_blocks;
