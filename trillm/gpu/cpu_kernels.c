@@ -199,13 +199,39 @@ static inline float dot(const float *a, const float *b, long D) {
     return hsum(acc);
 }
 
+/* [sum(v[0]), ..., sum(v[7])]: the eight vectors' horizontal sums in one vector */
+static inline __m256 hsum8(const __m256 v[8]) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* q · k for 8 keys at once (independent FMA chains), stored scaled at p[0..7] */
+static inline void dot8(const float *q, const float *const k[8], long D, float scale, float *p) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (long j = 0; j < D; j += 8) {
+        const __m256 qj = _mm256_loadu_ps(q + j);
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(k[i] + j), acc[i]);
+    }
+    _mm256_storeu_ps(p, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+}
+
 #define MAX_HEAD_DIM 128
 #define PARALLEL_POSITIONS 4096 /* query heads × cached positions: ~0.5 M multiply-adds at head_dim 64 */
+
+/* position t's row of one KV head; a power-of-two block size shifts and masks (a 64-bit division is ~40 cycles) */
+#define PAGE(t) (is_pow2 ? (t) >> shift : (t) / block_size)
+#define OFFSET(t) (is_pow2 ? (t) & (block_size - 1) : (t) % block_size)
+#define CACHE_ROW(cache, t) ((cache) + (((long)table[PAGE(t)] * KVH + kvh) * block_size + OFFSET(t)) * D)
+#define KEY_ROW(t) CACHE_ROW(k_cache, t)
+#define VALUE_ROW(t) CACHE_ROW(v_cache, t)
 
 void trillm_decode_attention(const float *q, long q_stride, const float *k_cache, const float *v_cache,
                              const int32_t *tables, long max_blocks, const int32_t *context_lens, long S, long H,
                              long KVH, long D, long block_size, float scale, float *out) {
     const long group = H / KVH;
+    const int is_pow2 = (block_size & (block_size - 1)) == 0, shift = __builtin_ctzl(block_size);
     long positions = 0;  /* below PARALLEL_POSITIONS the threads' start and end barrier costs more than the work */
     for (long s = 0; s < S; s++) positions += context_lens[s];
 #pragma omp parallel for schedule(static) if (S * KVH > 1 && positions * H >= PARALLEL_POSITIONS)
@@ -217,15 +243,17 @@ void trillm_decode_attention(const float *q, long q_stride, const float *k_cache
             const long h = kvh * group + g;
             const float *qh = q + s * q_stride + h * D;
             float top = -INFINITY;
-            for (long t = 0; t < n; t++) {
-                const float *k = k_cache + (((long)table[t / block_size] * KVH + kvh) * block_size + t % block_size) * D;
-                p[t] = dot(qh, k, D) * scale;
-                top = p[t] > top ? p[t] : top;
-            }
-            __m256 vsum = _mm256_setzero_ps();
-            const __m256 vtop = _mm256_set1_ps(top);
             long t = 0;
             for (; t + 8 <= n; t += 8) {
+                const float *keys[8];
+                for (int i = 0; i < 8; i++) keys[i] = KEY_ROW(t + i);
+                dot8(qh, keys, D, scale, p + t);
+            }
+            for (; t < n; t++) p[t] = dot(qh, KEY_ROW(t), D) * scale;
+            for (t = 0; t < n; t++) top = p[t] > top ? p[t] : top;
+            __m256 vsum = _mm256_setzero_ps();
+            const __m256 vtop = _mm256_set1_ps(top);
+            for (t = 0; t + 8 <= n; t += 8) {
                 const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + t), vtop));
                 _mm256_storeu_ps(p + t, e);
                 vsum = _mm256_add_ps(vsum, e);
@@ -240,7 +268,7 @@ void trillm_decode_attention(const float *q, long q_stride, const float *k_cache
             const long nv = D / 8;
             for (long j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
             for (t = 0; t < n; t++) {
-                const float *v = v_cache + (((long)table[t / block_size] * KVH + kvh) * block_size + t % block_size) * D;
+                const float *v = VALUE_ROW(t);
                 const __m256 w = _mm256_set1_ps(p[t] * inv);
                 for (long j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
             }
