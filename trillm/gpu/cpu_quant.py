@@ -113,15 +113,19 @@ def pack_model(model: nn.Module) -> int:
     """Recover blocks for every 2-D float32 weight of `model` that holds them exactly; returns how many."""
     if cpu_kernels.library() is None:
         return 0
-    count = 0
-    for name, param in model.named_parameters():
-        if param.dim() != 2:
-            continue
-        blocks = recover_blocks(param.data)
-        if blocks is not None:
-            _BLOCK_WEIGHTS[id(param)] = (weakref.ref(param), blocks)
-            count += 1
-        log.debug("%s: %s", name, blocks.kind if blocks is not None else "dense")
+    count, num_threads = 0, torch.get_num_threads()
+    torch.set_num_threads(1)  # elementwise passes: 2.5 s on one core; two threads took 29 s on a busy 2-core machine
+    try:
+        for name, param in model.named_parameters():
+            if param.dim() != 2:
+                continue
+            blocks = recover_blocks(param.data)
+            if blocks is not None:
+                _BLOCK_WEIGHTS[id(param)] = (weakref.ref(param), blocks)
+                count += 1
+            log.debug("%s: %s", name, blocks.kind if blocks is not None else "dense")
+    finally:
+        torch.set_num_threads(num_threads)
     return count
 
 
