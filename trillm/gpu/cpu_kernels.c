@@ -3,7 +3,7 @@
  * Built by gpu/cpu_kernels.py (AVX2 + FMA, no FP contraction: each C expression rounds as written) and called through
  * ctypes from gpu/cpu_ops.py for decode batches, where a step is a few hundred tiny torch calls otherwise.
  *
- * Block matmul layout: rows of W in groups of 4, each group's blocks interleaved so that one group is one sequential stream:
+ * Block matmul layout: rows of W in groups of 4, each group's blocks interleaved (one group: one sequential stream):
  *   group g = rows 4g .. 4g+3: for block b = 0 .. K/32-1: for row r = 0 .. 3: the block record of row 4g+r.
  *   Q4_1 record (24 bytes): float d, float m, 16 bytes: low nibble of byte j = element j, high nibble = element j+16.
  *       w = fma(q, d, m): one rounding, as gguf's dequantize computes d * q + m (d * q is exact).
