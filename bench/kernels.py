@@ -345,7 +345,7 @@ def bench_linear(b: Bench, rows: int, shapes: Sequence[tuple[str, int, int, bool
         x, residual, norm_weight = b.randn(rows, k), b.randn(rows, k), b.randn(k)
         extra = dict(norm_weight=norm_weight, eps=1e-5, residual=residual) if norm else {}
         fused = [functools.partial(b.ops.fused_linear, x, w, None, silu_mul=swiglu, **extra) for w in weights]
-        composed = [functools.partial(linear_ops._composed, x, w, None, extra.get("norm_weight"), 1e-5,
+        composed = [functools.partial(linear_ops.composed_linear, x, w, None, extra.get("norm_weight"), 1e-5,
                                       extra.get("residual"), swiglu) for w in weights]  # fmt: skip
         label = f"{rows}x{k}->{out_rows // 2 if swiglu else out_rows}" + (" +norm" if norm else "") + (
             " +swiglu" if swiglu else "")

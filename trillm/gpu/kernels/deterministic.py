@@ -30,7 +30,7 @@ from trillm.gpu.kernels.arguments import (
     ptr,
 )
 from trillm.gpu.kernels.backend import get_backend
-from trillm.gpu.kernels.elementwise import rms_norm, silu_and_mul
+from trillm.gpu.kernels.linear import composed_linear
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +123,7 @@ def fused_linear(
     """reference.fused_linear from per-token kernels: rms_norm (one CTA per row), det_linear, silu_and_mul."""
     if residual is not None and norm_weight is None:
         raise ValueError("residual is added in front of the norm: pass norm_weight with it")
-    summed = None
-    if norm_weight is not None:
-        x, summed = rms_norm(x.contiguous(), norm_weight, eps, None if residual is None else residual.contiguous())
-    y = det_linear(x, weight, bias)
-    if silu_mul:
-        ffn = y.shape[1] // 2
-        y = silu_and_mul(y) if ffn % 8 == 0 else torch.nn.functional.silu(y[:, :ffn]) * y[:, ffn:]
-    return y, summed
+    return composed_linear(x, weight, bias, norm_weight, eps, residual, silu_mul, project=det_linear)
 
 
 def det_attention(

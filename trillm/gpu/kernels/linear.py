@@ -9,6 +9,7 @@ environment variable TRILLM_GEMV_MAX_ROWS overrides the limit (0 turns the kerne
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import logging
 import math
 import os
@@ -77,7 +78,7 @@ def fused_linear(
     smem_bytes = num_tokens * k * x.element_size() if norm_weight is not None else 0
     if (num_tokens == 0 or num_tokens > gemv_row_limit() or smem_bytes > GEMV_MAX_SMEM_BYTES
             or not _fits_gemv(x, weight, residual, k)):
-        return _composed(x, weight, bias, norm_weight, eps, residual, silu_mul)
+        return composed_linear(x, weight, bias, norm_weight, eps, residual, silu_mul)
     out = arguments.empty((num_tokens, n_out), x.dtype, device)
     residual_out = None if residual is None else arguments.empty((num_tokens, k), x.dtype, device)
     name = gemv_kernel_name(x.dtype, num_tokens, norm=norm_weight is not None, swiglu=silu_mul)
@@ -98,7 +99,7 @@ def _fits_gemv(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | N
     return residual is None or (residual.stride() == x.stride() and residual.data_ptr() % 16 == 0)
 
 
-def _composed(
+def composed_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -106,12 +107,13 @@ def _composed(
     eps: float,
     residual: torch.Tensor | None,
     silu_mul: bool,
+    project: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = F.linear,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The unfused chain: rms_norm kernel, cuBLAS, silu_and_mul kernel (the GEMM sizes)."""
+    """The unfused chain: rms_norm kernel, `project` (cuBLAS; deterministic.det_linear there), silu_and_mul kernel."""
     summed = None
     if norm_weight is not None:
         x, summed = rms_norm(x.contiguous(), norm_weight, eps, None if residual is None else residual.contiguous())
-    y = F.linear(x, weight, bias)
+    y = project(x, weight, bias)
     if silu_mul:
         ffn = y.shape[1] // 2
         y = silu_and_mul(y) if ffn % 8 == 0 else F.silu(y[:, :ffn]) * y[:, ffn:]  # the kernel takes 16-byte rows
