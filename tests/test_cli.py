@@ -169,3 +169,13 @@ def test_a_model_that_cannot_load_fails_in_one_line(tmp_path: Path) -> None:
 def test_prefix_caching_is_on_by_default_and_can_be_turned_off(flags: list[str], expected: bool) -> None:
     args = build_parser().parse_args(["serve", "api_server", *flags])
     assert config_from_args(args).engine.enable_prefix_caching is expected
+
+
+def test_deterministic_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRILLM_DETERMINISTIC", raising=False)
+    assert not config_of(["serve", "api_server"]).engine.deterministic
+    assert config_of(["serve", "api_server", "--deterministic"]).engine.deterministic
+    monkeypatch.setenv("TRILLM_DETERMINISTIC", "1")
+    assert config_of(["serve", "api_server"]).engine.deterministic
+    monkeypatch.setenv("TRILLM_DETERMINISTIC", "0")
+    assert not config_of(["serve", "api_server"]).engine.deterministic

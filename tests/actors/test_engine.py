@@ -101,6 +101,15 @@ def test_runner_configs_resolve_defaults_per_device() -> None:
     assert (cuda.dtype, cuda.max_batch_size) == ("bfloat16", 256)
 
 
+def test_deterministic_reaches_every_rank_and_warns_past_two_ranks(caplog: pytest.LogCaptureFixture) -> None:
+    pair = runner_configs(EngineConfig(tp=2, deterministic=True), "/m", "cuda")
+    assert [c.deterministic for c in pair] == [True, True]
+    assert "--deterministic" not in caplog.text  # two ranks: any all-reduce is one commutative sum
+    assert not runner_configs(EngineConfig(), "/m", "cuda")[0].deterministic
+    runner_configs(EngineConfig(tp=4, deterministic=True), "/m", "cuda")
+    assert "--deterministic at --tp 4" in caplog.text
+
+
 async def test_window_is_the_session_len_capped_at_the_kv_cache() -> None:
     async with open_engine(num_blocks=8, block_size=4) as (engine, _):
         assert engine.max_model_len == 32 and engine.device_name == "fake" and engine.is_alive
