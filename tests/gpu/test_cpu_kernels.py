@@ -112,15 +112,15 @@ def test_swiglu_matches_the_reference() -> None:
     torch.testing.assert_close(cpu_kernels.silu_and_mul(x), reference.silu_and_mul(x), rtol=2e-6, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_tiny_llama_of_blocks_gives_transformers_greedy_tokens(tmp_path: Any) -> None:
+def block_llama(num_layers: int, seed: int) -> Any:
+    """A transformers Llama whose projections are Q4_1 blocks and whose tied embedding is Q8_0 (scaled up)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=320, tie_word_embeddings=True)  # fmt: skip
     model = LlamaForCausalLM(config).eval()
-    g = _generator(0)
+    g = _generator(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 2:  # the embedding (and tied lm_head) as Q8_0, projections as Q4_1, scaled up
@@ -128,6 +128,12 @@ def test_tiny_llama_of_blocks_gives_transformers_greedy_tokens(tmp_path: Any) ->
                 param.copy_(make(*param.shape, g) * (8.0 if "embed" in name else 4.0))
             else:
                 param.normal_(1.0, 0.2)
+    return model
+
+
+@pytest.mark.slow
+def test_tiny_llama_of_blocks_gives_transformers_greedy_tokens(tmp_path: Any) -> None:
+    model = block_llama(num_layers=2, seed=0)
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
     model.save_pretrained(tmp_path)
     runner = make_runner(str(tmp_path))

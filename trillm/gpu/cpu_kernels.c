@@ -112,10 +112,14 @@ static inline __attribute__((always_inline)) void q8_0_block(const uint8_t *p, _
             }                                                                                                        \
         }                                                                                                            \
     }                                                                                                                \
-    void trillm_##NAME##_matmul(const float *x, long M, long K, const uint8_t *w, long N, float *y) {               \
+    /* the row groups shared among the threads of the enclosing parallel region (all of them when there is none) */ \
+    static void NAME##_matmul_for(const float *x, long M, long K, const uint8_t *w, long N, float *y) {            \
         const long groups = N / 4, group_bytes = K / 32 * 4 * (BYTES);                                               \
-        _Pragma("omp parallel for schedule(static)") for (long g = 0; g < groups; g++)                               \
+        _Pragma("omp for schedule(static)") for (long g = 0; g < groups; g++)                                        \
             NAME##_group(x, M, K, w + g * group_bytes, y + 4 * g, N);                                                \
+    }                                                                                                                \
+    void trillm_##NAME##_matmul(const float *x, long M, long K, const uint8_t *w, long N, float *y) {               \
+        _Pragma("omp parallel") NAME##_matmul_for(x, M, K, w, N, y);                                                 \
     }
 
 KERNEL(q4_1, q4_1_block, Q4_1_BYTES)
@@ -124,19 +128,21 @@ KERNEL(q8_0, q8_0_block, Q8_0_BYTES)
 /* ------------------------------------------------------------------------------------------------------------------
  * RMSNorm with the residual add: summed = x + residual (when residual), y = (s * (1 / sqrt(mean(s²) + eps))) * w.
  * x, residual, summed, y: [M][K] contiguous (summed may alias x or residual). */
+static void rms_row(const float *x, const float *residual, float *summed, const float *w, float eps, long K, float *y) {
+    if (residual) {
+        for (long j = 0; j < K; j++) summed[j] = x[j] + residual[j];
+        x = summed;
+    }
+    double sum = 0.0;
+    for (long j = 0; j < K; j++) sum += (double)x[j] * x[j];
+    const float inv = 1.0f / sqrtf((float)(sum / K) + eps);
+    for (long j = 0; j < K; j++) y[j] = (x[j] * inv) * w[j];
+}
+
 void trillm_rms_norm(const float *x, const float *residual, float *summed, const float *w, float eps, long M, long K,
                      float *y) {
-    for (long i = 0; i < M; i++) {
-        const float *xi = x + i * K;
-        if (residual) {
-            for (long j = 0; j < K; j++) summed[i * K + j] = xi[j] + residual[i * K + j];
-            xi = summed + i * K;
-        }
-        double sum = 0.0;
-        for (long j = 0; j < K; j++) sum += (double)xi[j] * xi[j];
-        const float inv = 1.0f / sqrtf((float)(sum / K) + eps);
-        for (long j = 0; j < K; j++) y[i * K + j] = (xi[j] * inv) * w[j];
-    }
+    for (long i = 0; i < M; i++)
+        rms_row(x + i * K, residual ? residual + i * K : NULL, summed ? summed + i * K : NULL, w, eps, K, y + i * K);
 }
 
 /* ------------------------------------------------------------------------------------------------------------------
@@ -154,21 +160,25 @@ static void rotate_head(float *h, const float *cs, long D) {
     }
 }
 
+static void rotary_row(float *row, long num_heads, long num_kv_heads, long D, int64_t position, const float *cos_sin,
+                       int64_t slot, float *k_cache, float *v_cache, long block_size) {
+    const float *cs = cos_sin + position * D;
+    for (long h = 0; h < num_heads + num_kv_heads; h++) rotate_head(row + h * D, cs, D);
+    if (slot < 0) return;
+    const long block = slot / block_size, offset = slot % block_size;
+    for (long h = 0; h < num_kv_heads; h++) {
+        const long at = ((block * num_kv_heads + h) * block_size + offset) * D;
+        memcpy(k_cache + at, row + (num_heads + h) * D, D * sizeof(float));
+        memcpy(v_cache + at, row + (num_heads + num_kv_heads + h) * D, D * sizeof(float));
+    }
+}
+
 void trillm_rotary_cache_write(float *qkv, long T, long row_stride, long num_heads, long num_kv_heads, long D,
                                const int64_t *positions, const float *cos_sin, const int64_t *slots, float *k_cache,
                                float *v_cache, long block_size) {
-    for (long t = 0; t < T; t++) {
-        float *row = qkv + t * row_stride;
-        const float *cs = cos_sin + positions[t] * D;
-        for (long h = 0; h < num_heads + num_kv_heads; h++) rotate_head(row + h * D, cs, D);
-        if (slots[t] < 0) continue;
-        const long block = slots[t] / block_size, offset = slots[t] % block_size;
-        for (long h = 0; h < num_kv_heads; h++) {
-            const long at = ((block * num_kv_heads + h) * block_size + offset) * D;
-            memcpy(k_cache + at, row + (num_heads + h) * D, D * sizeof(float));
-            memcpy(v_cache + at, row + (num_heads + num_kv_heads + h) * D, D * sizeof(float));
-        }
-    }
+    for (long t = 0; t < T; t++)
+        rotary_row(qkv + t * row_stride, num_heads, num_kv_heads, D, positions[t], cos_sin, slots[t], k_cache, v_cache,
+                   block_size);
 }
 
 /* ------------------------------------------------------------------------------------------------------------------
@@ -227,53 +237,57 @@ static inline void dot8(const float *q, const float *const k[8], long D, float s
 #define KEY_ROW(t) CACHE_ROW(k_cache, t)
 #define VALUE_ROW(t) CACHE_ROW(v_cache, t)
 
+/* One query head of one sequence over its n cached positions (scores in p[0 .. n-1]) into o[0 .. D-1]. */
+static void attend_head(const float *qh, const float *k_cache, const float *v_cache, const int32_t *table, long n,
+                        long KVH, long kvh, long D, long block_size, float scale, float *p, float *o) {
+    const int is_pow2 = (block_size & (block_size - 1)) == 0, shift = __builtin_ctzl(block_size);
+    float top = -INFINITY;
+    long t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const float *keys[8];
+        for (int i = 0; i < 8; i++) keys[i] = KEY_ROW(t + i);
+        dot8(qh, keys, D, scale, p + t);
+    }
+    for (; t < n; t++) p[t] = dot(qh, KEY_ROW(t), D) * scale;
+    for (t = 0; t < n; t++) top = p[t] > top ? p[t] : top;
+    __m256 vsum = _mm256_setzero_ps();
+    const __m256 vtop = _mm256_set1_ps(top);
+    for (t = 0; t + 8 <= n; t += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + t), vtop));
+        _mm256_storeu_ps(p + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum(vsum);
+    for (; t < n; t++) {
+        p[t] = expf(p[t] - top);
+        sum += p[t];
+    }
+    const float inv = 1.0f / sum;
+    __m256 acc[MAX_HEAD_DIM / 8];
+    const long nv = D / 8;
+    for (long j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
+    for (t = 0; t < n; t++) {
+        const float *v = VALUE_ROW(t);
+        const __m256 w = _mm256_set1_ps(p[t] * inv);
+        for (long j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    }
+    for (long j = 0; j < nv; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
+}
+
 void trillm_decode_attention(const float *q, long q_stride, const float *k_cache, const float *v_cache,
                              const int32_t *tables, long max_blocks, const int32_t *context_lens, long S, long H,
                              long KVH, long D, long block_size, float scale, float *out) {
     const long group = H / KVH;
-    const int is_pow2 = (block_size & (block_size - 1)) == 0, shift = __builtin_ctzl(block_size);
     long positions = 0;  /* below PARALLEL_POSITIONS the threads' start and end barrier costs more than the work */
     for (long s = 0; s < S; s++) positions += context_lens[s];
 #pragma omp parallel for schedule(static) if (S * KVH > 1 && positions * H >= PARALLEL_POSITIONS)
     for (long task = 0; task < S * KVH; task++) {
         const long s = task / KVH, kvh = task % KVH, n = context_lens[s];
-        const int32_t *table = tables + s * max_blocks;
         float *p = malloc(n * sizeof(float));  /* one head's scores at a time */
         for (long g = 0; g < group; g++) {
             const long h = kvh * group + g;
-            const float *qh = q + s * q_stride + h * D;
-            float top = -INFINITY;
-            long t = 0;
-            for (; t + 8 <= n; t += 8) {
-                const float *keys[8];
-                for (int i = 0; i < 8; i++) keys[i] = KEY_ROW(t + i);
-                dot8(qh, keys, D, scale, p + t);
-            }
-            for (; t < n; t++) p[t] = dot(qh, KEY_ROW(t), D) * scale;
-            for (t = 0; t < n; t++) top = p[t] > top ? p[t] : top;
-            __m256 vsum = _mm256_setzero_ps();
-            const __m256 vtop = _mm256_set1_ps(top);
-            for (t = 0; t + 8 <= n; t += 8) {
-                const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + t), vtop));
-                _mm256_storeu_ps(p + t, e);
-                vsum = _mm256_add_ps(vsum, e);
-            }
-            float sum = hsum(vsum);
-            for (; t < n; t++) {
-                p[t] = expf(p[t] - top);
-                sum += p[t];
-            }
-            const float inv = 1.0f / sum;
-            __m256 acc[MAX_HEAD_DIM / 8];
-            const long nv = D / 8;
-            for (long j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
-            for (t = 0; t < n; t++) {
-                const float *v = VALUE_ROW(t);
-                const __m256 w = _mm256_set1_ps(p[t] * inv);
-                for (long j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
-            }
-            float *o = out + (s * H + h) * D;
-            for (long j = 0; j < nv; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
+            attend_head(q + s * q_stride + h * D, k_cache, v_cache, tables + s * max_blocks, n, KVH, kvh, D,
+                        block_size, scale, p, out + (s * H + h) * D);
         }
         free(p);
     }
@@ -281,17 +295,89 @@ void trillm_decode_attention(const float *q, long q_stride, const float *k_cache
 
 /* ------------------------------------------------------------------------------------------------------------------
  * SwiGLU: out[i][j] = silu(x[i][j]) * x[i][F + j] for x [M][2F], out [M][F]; silu(g) = g / (1 + exp(-g)). */
+static void silu_row(const float *gate, long F, float *o) {
+    const float *up = gate + F;
+    long j = 0;
+    for (; j + 8 <= F; j += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + j);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + j)));
+    }
+    for (; j < F; j++) o[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+}
+
 void trillm_silu_and_mul(const float *x, long M, long F, float *out) {
-    for (long i = 0; i < M; i++) {
-        const float *gate = x + i * 2 * F, *up = gate + F;
-        float *o = out + i * F;
-        long j = 0;
-        for (; j + 8 <= F; j += 8) {
-            const __m256 g = _mm256_loadu_ps(gate + j);
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
-            const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-            _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(up + j)));
+    for (long i = 0; i < M; i++) silu_row(x + i * 2 * F, F, out + i * F);
+}
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * A whole decode step's layers in one call and one parallel region (the CPU's counterpart of a CUDA graph): per
+ * layer norm → qkv → rotary + KV write → attention → o_proj → norm → gate_up → SwiGLU → down.
+ * Each stage computes what the per-op calls above compute, with the same code, so the result is the same to the bit;
+ * the threads meet at a barrier between stages instead of forking and joining once per op, and Python never runs
+ * between them. For decode rows only, every projection in blocks, no biases (gpu/cpu_decode.py checks).
+ *
+ * layers [L][LAYER_FIELDS] int64: qkv, o, gate_up, down (packed blocks), input norm, post norm, k cache, v cache
+ * (addresses), then the four projections' kinds (0 = Q4_1, 1 = Q8_0).
+ * hidden [M][Hd]: the embeddings; out [M][Hd]: the last layer's output, whose residual stream is scratch's first M × Hd
+ * floats (the final norm is the caller's). scratch: trillm_decode_scratch_floats(...) floats. */
+enum { LAYER_FIELDS = 12 };
+
+static void block_matmul_for(int64_t kind, const float *x, long M, long K, const void *w, long N, float *y) {
+    if (kind == 0)
+        q4_1_matmul_for(x, M, K, w, N, y);
+    else
+        q8_0_matmul_for(x, M, K, w, N, y);
+}
+
+long trillm_decode_scratch_floats(long M, long Hd, long H, long KVH, long D, long F) {
+    return M * (3 * Hd + (H + 2 * KVH) * D + H * D + 3 * F);
+}
+
+void trillm_decode_forward(const int64_t *layers, long L, long M, long Hd, long H, long KVH, long D, long F, float eps,
+                           const int64_t *positions, const float *cos_sin,
+                           const int64_t *slots, const int32_t *tables, long max_blocks, const int32_t *context_lens,
+                           long block_size, float scale, float *hidden, float *scratch, float *out) {
+    const long QKV = (H + 2 * KVH) * D, group = H / KVH;
+    float *residual = scratch, *normed = residual + M * Hd, *proj = normed + M * Hd, *qkv = proj + M * Hd;
+    float *attn = qkv + M * QKV, *gate_up = attn + M * H * D, *act = gate_up + M * 2 * F;
+    long longest = 1;
+    for (long s = 0; s < M; s++) longest = context_lens[s] > longest ? context_lens[s] : longest;
+#pragma omp parallel
+    {
+        float *p = malloc(longest * sizeof(float));  /* this thread's attention scores */
+        const float *h = hidden;  /* the layer's input: the embeddings, then each layer's down_proj output */
+        for (long l = 0; l < L; l++) {
+            const int64_t *f = layers + l * LAYER_FIELDS;
+            const float *input_norm = (const float *)f[4], *post_norm = (const float *)f[5];
+            float *k_cache = (float *)f[6], *v_cache = (float *)f[7];
+#pragma omp for schedule(static)
+            for (long i = 0; i < M; i++) {  /* layer 0: the residual stream starts as the embeddings */
+                if (l == 0) memcpy(residual + i * Hd, h + i * Hd, Hd * sizeof(float));
+                rms_row(l == 0 ? residual + i * Hd : h + i * Hd, l == 0 ? NULL : residual + i * Hd,
+                        residual + i * Hd, input_norm, eps, Hd, normed + i * Hd);
+            }
+            block_matmul_for(f[8], normed, M, Hd, (const void *)f[0], QKV, qkv);
+#pragma omp for schedule(static)
+            for (long i = 0; i < M; i++)
+                rotary_row(qkv + i * QKV, H, KVH, D, positions[i], cos_sin, slots[i], k_cache, v_cache, block_size);
+#pragma omp for schedule(dynamic, 1)
+            for (long task = 0; task < M * H; task++) {
+                const long s = task / H, head = task % H;
+                attend_head(qkv + s * QKV + head * D, k_cache, v_cache, tables + s * max_blocks, context_lens[s], KVH,
+                            head / group, D, block_size, scale, p, attn + (s * H + head) * D);
+            }
+            block_matmul_for(f[9], attn, M, H * D, (const void *)f[1], Hd, proj);
+#pragma omp for schedule(static)
+            for (long i = 0; i < M; i++)
+                rms_row(proj + i * Hd, residual + i * Hd, residual + i * Hd, post_norm, eps, Hd, normed + i * Hd);
+            block_matmul_for(f[10], normed, M, Hd, (const void *)f[2], 2 * F, gate_up);
+#pragma omp for schedule(static)
+            for (long i = 0; i < M; i++) silu_row(gate_up + i * 2 * F, F, act + i * F);
+            block_matmul_for(f[11], act, M, F, (const void *)f[3], Hd, l == L - 1 ? out : proj);
+            h = proj;
         }
-        for (; j < F; j++) o[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+        free(p);
     }
 }

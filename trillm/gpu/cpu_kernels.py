@@ -38,6 +38,7 @@ SIGNATURES: dict[str, list[type]] = {
     "trillm_rotary_cache_write": [_P, _L, _L, _L, _L, _L, _P, _P, _P, _P, _P, _L],
     "trillm_decode_attention": [_P, _L, _P, _P, _P, _L, _P, _L, _L, _L, _L, _L, _F, _P],
     "trillm_silu_and_mul": [_P, _L, _L, _P],
+    "trillm_decode_forward": [_P, _L, _L, _L, _L, _L, _L, _L, _F, _P, _P, _P, _P, _L, _P, _L, _F, _P, _P, _P],
 }
 
 _library: ctypes.CDLL | None = None
@@ -78,6 +79,8 @@ def _load() -> ctypes.CDLL | None:
     for name, argtypes in SIGNATURES.items():
         fn = getattr(loaded, name)
         fn.argtypes, fn.restype = argtypes, None
+    loaded.trillm_decode_scratch_floats.argtypes = [_L] * 6
+    loaded.trillm_decode_scratch_floats.restype = _L
     return loaded
 
 
@@ -155,3 +158,32 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [num_rows, 2 * ffn] float3
     out = torch.empty(x.shape[0], x.shape[1] // 2)
     _lib().trillm_silu_and_mul(x.data_ptr(), x.shape[0], x.shape[1] // 2, out.data_ptr())
     return out
+
+
+def decode_scratch_floats(num_rows: int, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                          ffn: int) -> int:
+    """Floats of scratch `decode_forward` needs for up to `num_rows` rows (residual stream first)."""
+    return int(_lib().trillm_decode_scratch_floats(num_rows, hidden, num_heads, num_kv_heads, head_dim, ffn))
+
+
+def decode_forward(
+    layers: torch.Tensor,  # [num_layers, 12] int64: cpu_kernels.c's layer table (gpu/cpu_decode.py builds it)
+    num_rows: int, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, ffn: int, eps: float,
+    positions: torch.Tensor,  # [num_rows] int64
+    cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] float32 contiguous
+    slot_mapping: torch.Tensor,  # [num_rows] int64, -1 = write nothing
+    block_tables: torch.Tensor,  # [num_rows, max_blocks] int32 contiguous
+    context_lens: torch.Tensor,  # [num_rows] int32
+    block_size: int,
+    scale: float,
+    hidden: torch.Tensor,  # [num_rows, hidden_size] float32 contiguous: the embeddings
+    scratch: torch.Tensor,  # decode_scratch_floats(...) float32; its first num_rows × hidden_size: the residual stream
+    out: torch.Tensor,  # [num_rows, hidden_size] float32: the last layer's output
+) -> None:
+    """Every layer of a decode step in one parallel region (`trillm_decode_forward`); the final norm is the caller's."""
+    _lib().trillm_decode_forward(
+        layers.data_ptr(), layers.shape[0], num_rows, hidden_size, num_heads, num_kv_heads, head_dim, ffn, eps,
+        positions.data_ptr(), cos_sin_cache.data_ptr(), slot_mapping.data_ptr(), block_tables.data_ptr(),
+        block_tables.shape[1], context_lens.data_ptr(), block_size, scale, hidden.data_ptr(), scratch.data_ptr(),
+        out.data_ptr(),
+    )

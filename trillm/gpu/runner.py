@@ -31,10 +31,11 @@ import attrs
 import torch
 
 from trillm.config import RunnerConfig
-from trillm.gpu import deterministic_ops, kernels
+from trillm.gpu import cpu_ops, deterministic_ops, kernels
 from trillm.gpu.kernels import deterministic as det_kernels
 from trillm.gpu.batch_inputs import BatchInputBuilder, StepInputs
 from trillm.gpu.comm import Communicator, open_communicator
+from trillm.gpu.cpu_decode import CpuDecodeStep
 from trillm.gpu.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from trillm.gpu.kv_cache import allocate_kv_cache
 from trillm.gpu.model_builder import DTYPES, build_model, read_model_args, select_ops
@@ -132,8 +133,11 @@ class ModelRunner:
         tokenizer_file = Path(config.model_path) / "tokenizer.json"
         self.grammars = None if is_random or not tokenizer_file.is_file() else GrammarMatchers(
             tokenizer_file, vocab_size=self.args.vocab_size, device=self.device)  # constrained decoding
+        self._cpu_decode: CpuDecodeStep | None = None  # a CPU decode step's layers in one C call (cpu_decode.py)
         if self.device.type == "cuda":
             self._prepare_cuda()
+        elif self.ops is cpu_ops:
+            self._cpu_decode = CpuDecodeStep.build(self.model, self.kv_caches, world_size=config.world_size)
         self._warm_up()
         log.info("rank %d ready: %s, %s", self.rank, self.layout, self.device_name)
 
@@ -228,6 +232,10 @@ class ModelRunner:
         if inputs.graph_rows:
             assert self._graphs is not None
             return self._graphs.replay(inputs.graph_rows)
+        if self._cpu_decode is not None and (
+            hidden := self._cpu_decode.forward(inputs.input_ids, inputs.positions, inputs.meta)
+        ) is not None:
+            return hidden
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)  # type: ignore[no-any-return]
 
     def _sampled_logits(self, inputs: StepInputs, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -312,6 +320,6 @@ class ModelRunner:
 
     def close(self) -> None:
         """Drop the graphs, model and caches and leave the tensor-parallel group."""
-        self._graphs = None
+        self._graphs = self._cpu_decode = None
         self.kv_caches = []
         self.comm.close()
