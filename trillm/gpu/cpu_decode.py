@@ -70,7 +70,7 @@ class CpuDecodeStep:
                         + [n.data_ptr() for n in norms] + [k_cache.data_ptr(), v_cache.data_ptr()]
                         + [KINDS[b.kind] for b in blocks if b is not None])  # fmt: skip
         first = layers[0].self_attn
-        if first.num_heads % first.num_kv_heads:
+        if first.num_heads % first.num_kv_heads or first.num_heads // first.num_kv_heads > cpu_kernels.MAX_GROUP:
             return None
         table = torch.tensor(rows, dtype=torch.int64)  # addresses only: the model and the runner keep them alive
         assert table.shape[1] == LAYER_FIELDS

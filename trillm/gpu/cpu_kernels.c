@@ -237,41 +237,78 @@ static inline void dot8(const float *q, const float *const k[8], long D, float s
 #define KEY_ROW(t) CACHE_ROW(k_cache, t)
 #define VALUE_ROW(t) CACHE_ROW(v_cache, t)
 
-/* One query head of one sequence over its n cached positions (scores in p[0 .. n-1]) into o[0 .. D-1]. */
-static void attend_head(const float *qh, const float *k_cache, const float *v_cache, const int32_t *table, long n,
-                        long KVH, long kvh, long D, long block_size, float scale, float *p, float *o) {
+#define PREFETCH_ROWS 16 /* cache rows ahead of the one being read */
+#define VALUE_CHUNK 32   /* cached rows of V per pass of a group's heads (8 KiB at head_dim 64) */
+#define MAX_GROUP 64     /* query heads per KV head (cpu_ops checks) */
+
+static inline void prefetch_row(const float *row, long D) {
+    for (long j = 0; j < D; j += 16) _mm_prefetch((const char *)(row + j), _MM_HINT_T0);
+}
+
+/* The G query heads that share KV head kvh, of one sequence, over its n cached positions: head g's query at
+ * q + g * D, its scores at p[g * n ...], its output at o + g * D. The heads go through each chunk of cached rows
+ * together while the chunk is in L1 (a head after head pass would stream the whole K and V once per head; at batch 8
+ * those reads from L2, not the arithmetic, set the time). Each head's sums run in the same order as one head alone. */
+static inline __attribute__((always_inline)) void attend_group_d(const float *q, long G, const float *k_cache,
+        const float *v_cache, const int32_t *table, long n, long KVH, long kvh, long D, long block_size, float scale,
+        float *p, float *o) {
     const int is_pow2 = (block_size & (block_size - 1)) == 0, shift = __builtin_ctzl(block_size);
-    float top = -INFINITY;
     long t = 0;
     for (; t + 8 <= n; t += 8) {
         const float *keys[8];
         for (int i = 0; i < 8; i++) keys[i] = KEY_ROW(t + i);
-        dot8(qh, keys, D, scale, p + t);
+        if (t + PREFETCH_ROWS + 8 <= n)  /* the hardware prefetcher stops at each 4 KiB page: 16 rows of 64 floats */
+            for (int i = 0; i < 8; i++) prefetch_row(KEY_ROW(t + PREFETCH_ROWS + i), D);
+        for (long g = 0; g < G; g++) dot8(q + g * D, keys, D, scale, p + g * n + t);
     }
-    for (; t < n; t++) p[t] = dot(qh, KEY_ROW(t), D) * scale;
-    for (t = 0; t < n; t++) top = p[t] > top ? p[t] : top;
-    __m256 vsum = _mm256_setzero_ps();
-    const __m256 vtop = _mm256_set1_ps(top);
-    for (t = 0; t + 8 <= n; t += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + t), vtop));
-        _mm256_storeu_ps(p + t, e);
-        vsum = _mm256_add_ps(vsum, e);
+    for (; t < n; t++)
+        for (long g = 0; g < G; g++) p[g * n + t] = dot(q + g * D, KEY_ROW(t), D) * scale;
+    float inv[MAX_GROUP];
+    for (long g = 0; g < G; g++) {
+        float *pg = p + g * n, top = -INFINITY;
+        for (t = 0; t < n; t++) top = pg[t] > top ? pg[t] : top;
+        __m256 vsum = _mm256_setzero_ps();
+        const __m256 vtop = _mm256_set1_ps(top);
+        for (t = 0; t + 8 <= n; t += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(pg + t), vtop));
+            _mm256_storeu_ps(pg + t, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        float sum = hsum(vsum);
+        for (; t < n; t++) {
+            pg[t] = expf(pg[t] - top);
+            sum += pg[t];
+        }
+        inv[g] = 1.0f / sum;
     }
-    float sum = hsum(vsum);
-    for (; t < n; t++) {
-        p[t] = expf(p[t] - top);
-        sum += p[t];
-    }
-    const float inv = 1.0f / sum;
-    __m256 acc[MAX_HEAD_DIM / 8];
     const long nv = D / 8;
-    for (long j = 0; j < nv; j++) acc[j] = _mm256_setzero_ps();
-    for (t = 0; t < n; t++) {
-        const float *v = VALUE_ROW(t);
-        const __m256 w = _mm256_set1_ps(p[t] * inv);
-        for (long j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    for (long t0 = 0; t0 < n; t0 += VALUE_CHUNK) {  /* each head's accumulators wait in o between chunks */
+        const long t1 = t0 + VALUE_CHUNK < n ? t0 + VALUE_CHUNK : n;
+        for (long g = 0; g < G; g++) {
+            const float *pg = p + g * n;
+            float *og = o + g * D;
+            __m256 acc[MAX_HEAD_DIM / 8];
+            for (long j = 0; j < nv; j++) acc[j] = t0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(og + 8 * j);
+            for (t = t0; t < t1; t++) {
+                const float *v = VALUE_ROW(t);
+                if (g == 0 && t + PREFETCH_ROWS < n) prefetch_row(VALUE_ROW(t + PREFETCH_ROWS), D);
+                const __m256 w = _mm256_set1_ps(pg[t] * inv[g]);
+                for (long j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+            }
+            for (long j = 0; j < nv; j++) _mm256_storeu_ps(og + 8 * j, acc[j]);
+        }
     }
-    for (long j = 0; j < nv; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
+}
+
+/* head_dim a compile-time constant where it is 64 or 128: the accumulators of P·V then stay in registers */
+static void attend_group(const float *q, long G, const float *k_cache, const float *v_cache, const int32_t *table,
+                         long n, long KVH, long kvh, long D, long block_size, float scale, float *p, float *o) {
+    if (D == 64)
+        attend_group_d(q, G, k_cache, v_cache, table, n, KVH, kvh, 64, block_size, scale, p, o);
+    else if (D == 128)
+        attend_group_d(q, G, k_cache, v_cache, table, n, KVH, kvh, 128, block_size, scale, p, o);
+    else
+        attend_group_d(q, G, k_cache, v_cache, table, n, KVH, kvh, D, block_size, scale, p, o);
 }
 
 void trillm_decode_attention(const float *q, long q_stride, const float *k_cache, const float *v_cache,
@@ -283,12 +320,9 @@ void trillm_decode_attention(const float *q, long q_stride, const float *k_cache
 #pragma omp parallel for schedule(static) if (S * KVH > 1 && positions * H >= PARALLEL_POSITIONS)
     for (long task = 0; task < S * KVH; task++) {
         const long s = task / KVH, kvh = task % KVH, n = context_lens[s];
-        float *p = malloc(n * sizeof(float));  /* one head's scores at a time */
-        for (long g = 0; g < group; g++) {
-            const long h = kvh * group + g;
-            attend_head(q + s * q_stride + h * D, k_cache, v_cache, tables + s * max_blocks, n, KVH, kvh, D,
-                        block_size, scale, p, out + (s * H + h) * D);
-        }
+        float *p = malloc(group * n * sizeof(float));  /* the group's scores */
+        attend_group(q + s * q_stride + kvh * group * D, group, k_cache, v_cache, tables + s * max_blocks, n, KVH, kvh,
+                     D, block_size, scale, p, out + (s * H + kvh * group) * D);
         free(p);
     }
 }
@@ -346,7 +380,7 @@ void trillm_decode_forward(const int64_t *layers, long L, long M, long Hd, long 
     for (long s = 0; s < M; s++) longest = context_lens[s] > longest ? context_lens[s] : longest;
 #pragma omp parallel
     {
-        float *p = malloc(longest * sizeof(float));  /* this thread's attention scores */
+        float *p = malloc(group * longest * sizeof(float));  /* this thread's attention scores (one KV group's) */
         const float *h = hidden;  /* the layer's input: the embeddings, then each layer's down_proj output */
         for (long l = 0; l < L; l++) {
             const int64_t *f = layers + l * LAYER_FIELDS;
@@ -363,10 +397,10 @@ void trillm_decode_forward(const int64_t *layers, long L, long M, long Hd, long 
             for (long i = 0; i < M; i++)
                 rotary_row(qkv + i * QKV, H, KVH, D, positions[i], cos_sin, slots[i], k_cache, v_cache, block_size);
 #pragma omp for schedule(dynamic, 1)
-            for (long task = 0; task < M * H; task++) {
-                const long s = task / H, head = task % H;
-                attend_head(qkv + s * QKV + head * D, k_cache, v_cache, tables + s * max_blocks, context_lens[s], KVH,
-                            head / group, D, block_size, scale, p, attn + (s * H + head) * D);
+            for (long task = 0; task < M * KVH; task++) {
+                const long s = task / KVH, kvh = task % KVH;
+                attend_group(qkv + s * QKV + kvh * group * D, group, k_cache, v_cache, tables + s * max_blocks,
+                             context_lens[s], KVH, kvh, D, block_size, scale, p, attn + (s * H + kvh * group) * D);
             }
             block_matmul_for(f[9], attn, M, H * D, (const void *)f[1], Hd, proj);
 #pragma omp for schedule(static)

@@ -246,7 +246,8 @@ def paged_decode_attention(
     """
     if q.dtype != torch.float32:
         return reference.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
-    if q.stride(2) == 1 and q.stride(1) == q.shape[2] and _is_c_cache(k_cache, v_cache):
+    if (q.stride(2) == 1 and q.stride(1) == q.shape[2] and _is_c_cache(k_cache, v_cache)
+            and q.shape[1] // k_cache.shape[1] <= cpu_kernels.MAX_GROUP):
         tables = block_tables.to(torch.int32).contiguous()  # [num_seqs, max_blocks_per_seq]
         return cpu_kernels.decode_attention(q, k_cache, v_cache, tables, context_lens.to(torch.int32).contiguous(),
                                             scale)  # fmt: skip
