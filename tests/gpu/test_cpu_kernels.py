@@ -94,12 +94,18 @@ def test_rotary_cache_write_in_place_is_bit_identical(num_heads: int, num_kv_hea
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
 
 
-@pytest.mark.parametrize(("num_heads", "num_kv_heads", "lens"), [(9, 3, [1, 17, 64]), (16, 2, [100, 128, 128])])
-def test_decode_attention_matches_the_reference(num_heads: int, num_kv_heads: int, lens: list[int]) -> None:
-    """Few positions run on one thread, many (16 heads × 356 positions) on all (cpu_kernels.c PARALLEL_POSITIONS)."""
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "lens", "head_dim"), [
+    (9, 3, [1, 17, 64], HEAD_DIM), (16, 2, [100, 128, 128], HEAD_DIM), (4, 4, [33, 65, 7], 32),
+    (2, 1, [31, 96, 128], 128), (6, 2, [40, 1, 90], 96),
+])  # fmt: skip
+def test_decode_attention_matches_the_reference(num_heads: int, num_kv_heads: int, lens: list[int],
+                                               head_dim: int) -> None:  # fmt: skip
+    """Few positions run on one thread, many (16 heads × 356 positions) on all (cpu_kernels.c PARALLEL_POSITIONS);
+    one query head per KV head or a group; head_dim 64 and 128 (compiled as constants) and others; contexts that end
+    inside a chunk of V rows (cpu_kernels.c VALUE_CHUNK) and a page."""
     g = _generator(num_heads)
-    k_cache, v_cache = torch.randn(2, NUM_BLOCKS, num_kv_heads, BLOCK_SIZE, HEAD_DIM, generator=g)
-    q = torch.randn(3, num_heads, HEAD_DIM, generator=g)
+    k_cache, v_cache = torch.randn(2, NUM_BLOCKS, num_kv_heads, BLOCK_SIZE, head_dim, generator=g)
+    q = torch.randn(3, num_heads, head_dim, generator=g)
     tables = torch.randperm(NUM_BLOCKS, generator=g).reshape(3, 8).to(torch.int32)
     context_lens = torch.tensor(lens, dtype=torch.int32)
     ours = cpu_kernels.decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125)
