@@ -64,7 +64,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                              "budget (default 0.8)")
     engine.add_argument("--cache-block-seq-len", type=int, help="tokens per KV-cache block (default 64)")
     engine.add_argument("--max-batch-size", type=int,
-                        help="most sequences in one batch (default 256 on CUDA, 64 on CPU)")
+                        help="most sequences in one batch (default 256 on CUDA, 48 on CPU)")
     engine.add_argument("--max-prefill-token-num", type=int,
                         help="most prompt tokens prefilled in one step (default 8192)")
     engine.add_argument("--enable-prefix-caching", action="store_true", default=None,

@@ -51,7 +51,7 @@ class EngineConfig:
     session_len: int | None = attrs.field(default=None, validator=_positive)  # None = the model's max positions
     cache_max_entry_count: float = attrs.field(default=0.8, validator=_fraction)
     cache_block_seq_len: int = attrs.field(default=64, validator=_positive)
-    max_batch_size: int | None = attrs.field(default=None, validator=_positive)  # None = 256 on CUDA, 64 on CPU
+    max_batch_size: int | None = attrs.field(default=None, validator=_positive)  # None = 256 on CUDA, 48 on CPU
     max_prefill_token_num: int = attrs.field(default=8192, validator=_positive)
     enable_prefix_caching: bool = True  # on: no cost measured where nothing is shared (docs/perf.md)
     chat_template: str | None = None  # a Jinja template file (or text), or an LMDeploy JSON template file

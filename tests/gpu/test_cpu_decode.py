@@ -18,7 +18,7 @@ import torch
 
 from tests.gpu.test_cpu_kernels import block_llama as make_block_llama
 from tests.models.test_llama_vs_hf import BLOCK_SIZE, MAX_MODEL_LEN, make_runner
-from trillm.gpu import cpu_kernels
+from trillm.gpu import cpu_kernels, cpu_quant
 from trillm.gpu.cpu_decode import CpuDecodeStep
 from trillm.gpu.runner import ModelRunner
 from trillm.protocol.api import SamplingParams
@@ -26,7 +26,7 @@ from trillm.protocol.step import SampleSpec, SeqStep, StepPlan
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="the CPU decode kernels cannot be built here")
 GREEDY = SampleSpec(sampling=SamplingParams(temperature=0.0), output_index=0)
-MAX_ROWS = 16
+MAX_ROWS = cpu_quant.MAX_ROWS
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _prefilled(runner: ModelRunner, lengths: list[int], rng: random.Random) -> l
     return seqs
 
 
-@pytest.mark.parametrize("num_rows", [1, 3, 8, MAX_ROWS])
+@pytest.mark.parametrize("num_rows", [1, 3, 8, 13, MAX_ROWS])
 def test_fused_decode_hidden_states_equal_the_per_op_path_bit_for_bit(block_llama: str, num_rows: int) -> None:
     runner = make_runner(block_llama, max_batch_size=MAX_ROWS)
     fused = runner._cpu_decode  # noqa: SLF001 - the step under test

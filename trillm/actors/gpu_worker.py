@@ -20,7 +20,7 @@ worker asks the rank to shut down, waits `SHUTDOWN_GRACE_S`, and kills it if it 
 Rank configuration. `device="auto"` picks CUDA when the NVIDIA driver reports a device. The serving process must not
 import torch, so it asks the driver itself (`libcuda` through ctypes: `cuInit` + `cuDeviceGetCount`, which creates
 no context and allocates nothing); rank processes then use torch as usual. The resolved device picks the defaults of
-`dtype` (bfloat16 on CUDA, float32 on CPU) and `max_batch_size` (256 on CUDA, 64 on CPU). Without `--session-len`
+`dtype` (bfloat16 on CUDA, float32 on CPU) and `max_batch_size` (256 on CUDA, 48 on CPU). Without `--session-len`
 the ranks get an unbounded `max_model_len` and cap it at the model's max positions (RankReady reports the result).
 
 `InProcessWorkerActor` has the same channels and readiness for an in-process runner (any object with `.layout` and
@@ -45,6 +45,11 @@ from trillm.protocol.step import RankFailed, RankReady, Shutdown, StepPlan, Step
 from trillm.config import EngineConfig, RunnerConfig
 from trillm.protocol.wire import READ_CHUNK_BYTES, FrameDecoder, encode_frame
 from trillm.errors import EngineDeadError
+
+# The CPU's default batch: the most decode rows the GGUF block kernels and the one-call decode step serve
+# (gpu/cpu_quant.MAX_ROWS; the serving process does not import torch). SmolLM2 on the 2-core EPYC: 231 tok/s a step
+# at 48 rows, 188 at 64, where the dense per-op path takes over (docs/perf.md, CPU).
+CPU_MAX_BATCH_SIZE = 48
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,7 @@ def free_loopback_port() -> int:
 def runner_configs(config: EngineConfig, model_path: str, device: str) -> list[RunnerConfig]:
     """One RunnerConfig per tensor-parallel rank, with device, dtype and batch size resolved."""
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    max_batch_size = config.max_batch_size or (256 if device == "cuda" else 64)
+    max_batch_size = config.max_batch_size or (256 if device == "cuda" else CPU_MAX_BATCH_SIZE)
     init_method = f"tcp://127.0.0.1:{free_loopback_port()}" if config.tp > 1 else ""
     if config.deterministic and config.tp > 2:
         log.warning("--deterministic at --tp %d: the kernels are batch-invariant, but all-reduces too large for the "
