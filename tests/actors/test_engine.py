@@ -14,10 +14,11 @@ import trio.testing
 
 from fakes import EOS_ID, FakeRunner, FakeTokenizer, hash_next_token, reference_tokens, take_tokens
 from trillm.actors.engine import Engine
-from trillm.actors.gpu_worker import resolve_device, runner_configs
+from trillm.actors.gpu_worker import CPU_MAX_BATCH_SIZE, resolve_device, runner_configs
 from trillm.protocol.api import CompletionOutput, FinishReason, GenerateRequest, SamplingParams
 from trillm.protocol.step import SampleSpec
 from trillm.config import EngineConfig
+from trillm.gpu import cpu_quant
 from trillm.errors import (
     ContextLengthExceededError,
     EngineDeadError,
@@ -91,7 +92,8 @@ def test_auto_device_is_cpu_without_a_cuda_driver() -> None:
 
 def test_runner_configs_resolve_defaults_per_device() -> None:
     (cpu,) = runner_configs(EngineConfig(session_len=512), "/m", "cpu")
-    assert (cpu.dtype, cpu.max_batch_size, cpu.max_model_len, cpu.device) == ("float32", 64, 512, "cpu")
+    assert (cpu.dtype, cpu.max_batch_size, cpu.max_model_len, cpu.device) == ("float32", CPU_MAX_BATCH_SIZE, 512, "cpu")
+    assert CPU_MAX_BATCH_SIZE == cpu_quant.MAX_ROWS  # the batch the one-call decode step serves
     gpus = runner_configs(EngineConfig(tp=2, dtype="float16", max_batch_size=8), "/m", "cuda")
     assert [c.rank for c in gpus] == [0, 1] and {c.world_size for c in gpus} == {2}
     assert (gpus[0].dtype, gpus[0].max_batch_size) == ("float16", 8)
