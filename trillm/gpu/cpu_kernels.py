@@ -3,7 +3,8 @@
 Runs outside the event loop, inside a rank process. At SmolLM2-135M's sizes a float32 decode step on the CPU was
 mostly torch call overhead and streaming float32 weights; these kernels do one layer's norm, rotary + KV write and
 attention in one call each, and the projections over GGUF blocks (`cpu_quant.py`). `cpu_ops` calls them for decode
-batches and keeps torch for prefill.
+batches and keeps torch for prefill; `decode_forward` runs every layer of a decode step in one call
+(`cpu_decode.py`).
 
 The library is compiled with the system C compiler (`cc`/`gcc`; AVX2 + FMA) into ~/.cache/trillm/cpu-kernels/, keyed
 by a hash of the source and flags; where there is no compiler, no AVX2 or no x86-64, `library()` is None and

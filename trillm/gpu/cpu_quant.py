@@ -46,6 +46,8 @@ class BlockWeight:
 
 # id(weight) → (weak reference to it, its blocks); keyed by the tensor object, as cpu_ops' rotary tables are.
 _BLOCK_WEIGHTS: dict[int, tuple[weakref.ref[torch.Tensor], BlockWeight]] = {}
+
+
 def _fp16_candidates(values: torch.Tensor) -> list[torch.Tensor]:
     """`values` rounded to fp16, and the fp16 neighbours either side (as float32)."""
     nearest = values.half()
