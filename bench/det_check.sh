@@ -11,14 +11,9 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/trillm-det-check}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 part="$1"
 commit="${2:-unknown}"
-if [ -z "${SKIP_WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/env-$part.txt"
 case "$part" in
 kernels)

@@ -10,13 +10,11 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/trillm-issue9}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRILLM_TEST_TOKENIZER=.device/tok
+export TRILLM_TEST_TOKENIZER=.device/tok
 part="$1"
 commit="${2:-unknown}"
 start=$SECONDS
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/env-$part.txt"
 STEPS=(python3 -m bench.offline steps --model random:llama2-7b --dtype bfloat16 --batch 1 8 32 --context 1024
        --prefill-len 1024 --decode-steps 40 --repeats 3 --out-dir "$OUT" --git-commit "$commit")

@@ -13,15 +13,10 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/trillm-serve-check}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 part="$1"
 commit="${2:-unknown}"
 start=$SECONDS
-if [ -z "${SKIP_WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source bench/device_env.sh
 read -r -a MODEL <<<"${MODEL_ARGS:-random:llama2-7b --tokenizer .device/tok --dtype bfloat16 --session-len 4096}"
 N="${NUM_PROMPTS:-1000}"  # ShareGPT-like requests (a CPU smoke run of this script sets a handful)
 

@@ -15,15 +15,11 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/trillm-tp-check}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRILLM_TEST_TOKENIZER=.device/tok
+export TRILLM_TEST_TOKENIZER=.device/tok
 part="$1"
 commit="${2:-unknown}"
 start=$SECONDS
-if [ -z "${SKIP_WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source bench/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/env-$part.txt"
 gpus=$(nvidia-smi -L | wc -l)
 engine() {  # engine LABEL MODEL TP [BATCH...]: bench.offline engine, 1k prompts, 128 output tokens
