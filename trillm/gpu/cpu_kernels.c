@@ -50,35 +50,30 @@ static inline __attribute__((always_inline)) void q8_0_block(const uint8_t *p, _
     }
 }
 
-/* One tile: MR rows of x against rows r0 .. r0+NR-1 of one group; ACC accumulators per (x row, W row) pair. */
-#define TILE(NAME, BLOCK, BYTES, MR, NR)                                                                              \
-    static void NAME##_##MR##x##NR(const float *x, long K, const uint8_t *group, int r0, float *y, long N) {        \
-        enum { ACC = (MR) * (NR) >= 4 ? 1 : 2 };                                                                     \
-        const long nb = K / 32;                                                                                      \
-        __m256 acc[NR][MR][ACC];                                                                                     \
-        for (int r = 0; r < NR; r++)                                                                                 \
-            for (int i = 0; i < MR; i++)                                                                             \
-                for (int a = 0; a < ACC; a++) acc[r][i][a] = _mm256_setzero_ps();                                    \
-        for (long b = 0; b < nb; b++) {                                                                              \
-            const uint8_t *records = group + b * 4 * (BYTES);                                                        \
-            _mm_prefetch((const char *)(records + 8 * 4 * (BYTES)), _MM_HINT_T0);                                   \
-            _mm_prefetch((const char *)(records + 8 * 4 * (BYTES) + 64), _MM_HINT_T0);                              \
-            for (int r = 0; r < NR; r++) {                                                                           \
-                __m256 w[4];                                                                                         \
-                BLOCK(records + (r0 + r) * (BYTES), w);                                                              \
-                for (int i = 0; i < MR; i++) {                                                                       \
-                    const float *xp = x + i * K + b * 32;                                                            \
-                    for (int j = 0; j < 4; j++)                                                                      \
-                        acc[r][i][j % ACC] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8 * j), w[j], acc[r][i][j % ACC]); \
-                }                                                                                                    \
-            }                                                                                                        \
-        }                                                                                                            \
-        for (int r = 0; r < NR; r++)                                                                                 \
-            for (int i = 0; i < MR; i++) {                                                                           \
-                __m256 s = acc[r][i][0];                                                                             \
-                if (ACC == 2) s = _mm256_add_ps(s, acc[r][i][ACC - 1]);                                              \
-                y[i * N + r0 + r] = hsum(s);                                                                         \
-            }                                                                                                        \
+/* One tile: MR rows of x against rows r0 .. r0+NR-1 of one group; one accumulator per (x row, W row) pair, fed over
+ * blocks, then 8-wide chunks, so every tile (and batch size) gives an output element the same bits. */
+#define TILE(NAME, BLOCK, BYTES, MR, NR)                                                                               \
+    static void NAME##_##MR##x##NR(const float *x, long K, const uint8_t *group, int r0, float *y, long N) {           \
+        const long nb = K / 32;                                                                                        \
+        __m256 acc[NR][MR];                                                                                            \
+        for (int r = 0; r < NR; r++)                                                                                   \
+            for (int i = 0; i < MR; i++) acc[r][i] = _mm256_setzero_ps();                                              \
+        for (long b = 0; b < nb; b++) {                                                                                \
+            const uint8_t *records = group + b * 4 * (BYTES);                                                          \
+            _mm_prefetch((const char *)(records + 8 * 4 * (BYTES)), _MM_HINT_T0);                                      \
+            _mm_prefetch((const char *)(records + 8 * 4 * (BYTES) + 64), _MM_HINT_T0);                                 \
+            for (int r = 0; r < NR; r++) {                                                                             \
+                __m256 w[4];                                                                                           \
+                BLOCK(records + (r0 + r) * (BYTES), w);                                                                \
+                for (int i = 0; i < MR; i++) {                                                                         \
+                    const float *xp = x + i * K + b * 32;                                                              \
+                    for (int j = 0; j < 4; j++)                                                                        \
+                        acc[r][i] = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8 * j), w[j], acc[r][i]);                     \
+                }                                                                                                      \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int r = 0; r < NR; r++)                                                                                   \
+            for (int i = 0; i < MR; i++) y[i * N + r0 + r] = hsum(acc[r][i]);                                          \
     }
 
 #define KERNEL(NAME, BLOCK, BYTES)                                                                                    \

@@ -10,10 +10,11 @@ Why a CPU op set at all: at SmolLM2-135M's sizes a decode step is ~2,000 small t
 over q and k apart, a boolean mask to skip padding slots, einsum attention with an explicit mask, a Python loop per
 prefill sequence over gathered pages. Here:
 
-- decode batches (up to `cpu_quant.MAX_ROWS` rows) run C kernels (`cpu_kernels.py`) where they are built: the
-  attention in one call per layer, rotary + KV write in one call (rotating q and k in place inside the fused qkv
-  rows), and, where `cpu_quant.pack_model` recovered a weight's GGUF blocks exactly (a GGUF model's Q4_1 / Q8_0
-  weights), the norm and the projection over those blocks; other weights and prefill keep MKL's sgemm and:
+- batches of up to `cpu_quant.MAX_ROWS` rows (decode steps, short prefill chunks) run C kernels (`cpu_kernels.py`)
+  where they are built: decode attention in one call per layer, rotary + KV write in one call (rotating q and k in
+  place inside the fused qkv rows), and, where `cpu_quant.pack_model` recovered a weight's GGUF blocks exactly (a
+  GGUF model's Q4_1 / Q8_0 weights), the norm and the projection over those blocks; other weights and longer
+  prefill chunks keep MKL's sgemm and:
 - `rms_norm` is `F.rms_norm` (one fused kernel; bit-identical to the reference in float32 — tests check);
 - rotary rotates q and k together when they are neighbouring column ranges of one qkv row (they are, after the
   fused qkv projection's split), with a [cos, cos] / [-sin, sin] table derived once per cos/sin cache;

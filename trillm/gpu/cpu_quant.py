@@ -10,7 +10,8 @@ between any two sgemm libraries.
 
 The kernels (`cpu_kernels.c`: AVX2 + FMA, OpenMP over rows of W) are built by `cpu_kernels.py`; where they cannot
 be, `pack_model` packs nothing and every projection stays dense.
-`cpu_ops.fused_linear` calls `matmul` for batches of up to MAX_ROWS rows (decode); prefill keeps MKL's sgemm.
+`cpu_ops.fused_linear` calls `matmul` for up to MAX_ROWS rows of x (decode steps, and prefill chunks that short);
+longer prefill chunks keep MKL's sgemm.
 """
 
 from __future__ import annotations
