@@ -115,3 +115,9 @@ def test_it_stays_off_where_it_cannot_serve(block_llama: str, tmp_path: Path,
     assert CpuDecodeStep.build(runner.model, runner.kv_caches, world_size=1) is not None
     dense = make_runner("random:tiny")  # random weights are not blocks
     assert dense._cpu_decode is None  # noqa: SLF001
+
+
+def test_groups_past_the_kernels_limit_keep_the_per_op_path(block_llama: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = make_runner(block_llama)  # 4 query heads per 2 KV heads: groups of 2
+    monkeypatch.setattr(cpu_kernels, "MAX_GROUP", 1)
+    assert CpuDecodeStep.build(runner.model, runner.kv_caches, world_size=1) is None

@@ -113,6 +113,24 @@ def test_decode_attention_matches_the_reference(num_heads: int, num_kv_heads: in
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
 
 
+def test_decode_attention_past_the_kernels_group_limit_runs_in_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cpu_kernels.c keeps one softmax sum per query head of a group on the stack (MAX_GROUP of them)."""
+    num_heads = cpu_kernels.MAX_GROUP + 2  # one KV head for all of them
+    g = _generator(7)
+    k_cache, v_cache = torch.randn(2, NUM_BLOCKS, 1, BLOCK_SIZE, HEAD_DIM, generator=g)
+    q = torch.randn(3, num_heads, HEAD_DIM, generator=g)
+    tables = torch.randperm(NUM_BLOCKS, generator=g).reshape(3, 8).to(torch.int32)
+    context_lens = torch.tensor([5, 40, 77], dtype=torch.int32)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the C attention was called for a group past MAX_GROUP")
+
+    monkeypatch.setattr(cpu_kernels, "decode_attention", refuse)
+    ours = cpu_ops.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125)
+    theirs = reference.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.125)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_swiglu_matches_the_reference() -> None:
     x = torch.randn(3, 2 * 100, generator=_generator(6)) * 4
     torch.testing.assert_close(cpu_kernels.silu_and_mul(x), reference.silu_and_mul(x), rtol=2e-6, atol=1e-6)
