@@ -52,6 +52,21 @@ def test_block_matmul_matches_the_dense_product(num_rows: int) -> None:
         torch.testing.assert_close(cpu_quant.matmul(x, blocks), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cols", [96, 1024])  # x rows of 8 in L1 (the 8-row tile) or not (two 4x2 tiles)
+def test_block_matmul_gives_a_row_the_same_bits_in_any_batch(cols: int) -> None:
+    """Every tile sums an output element in one order, so a row's outputs do not depend on its batch or position."""
+    g = _generator(cols)
+    for weight in (q4_1_weight(24, cols, g), q8_0_weight(16, cols, g)):
+        blocks = cpu_quant.recover_blocks(weight)
+        assert blocks is not None
+        x = torch.randn(cpu_quant.MAX_ROWS, cols, generator=g)
+        alone = torch.cat([cpu_quant.matmul(x[i:i + 1].contiguous(), blocks) for i in range(x.shape[0])])
+        for num_rows in (2, 3, 4, 7, 8, 9, 13, 16, 31, cpu_quant.MAX_ROWS):
+            for start in (0, cpu_quant.MAX_ROWS - num_rows):
+                batch = x[start:start + num_rows].contiguous()
+                assert torch.equal(cpu_quant.matmul(batch, blocks), alone[start:start + num_rows]), (num_rows, start)
+
+
 def test_weights_that_are_not_blocks_stay_dense() -> None:
     g = _generator(1)
     weight = q4_1_weight(8, 64, g)
