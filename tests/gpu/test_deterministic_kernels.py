@@ -105,7 +105,8 @@ def test_det_attention_prefill_and_decode_give_the_same_bits(
                                                                                        device=dev), scale)  # fmt: skip
     assert torch.equal(decode.cpu(), prefill.cpu()), "a position decoded differs from the same position prefilled"
     for j in (0, len(seq_of) - 1):
-        alone = det.paged_decode_attention(q[j : j + 1], k_cache, v_cache, rows_tables[j : j + 1],
+        row_table = rows_tables[j : j + 1].clone()  # a fresh allocation: the kernels take 16-byte aligned tables
+        alone = det.paged_decode_attention(q[j : j + 1], k_cache, v_cache, row_table,
                                            torch.tensor([pos_ctx[j]], dtype=torch.int32, device=dev), scale)
         assert torch.equal(alone[0].cpu(), prefill[j].cpu()), f"token {j} decoded alone differs"
 
