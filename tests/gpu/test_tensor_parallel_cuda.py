@@ -93,12 +93,22 @@ def test_tp2_over_nccl_in_bfloat16_stays_close_to_tp1(tokenizer: str) -> None:
 
 
 def test_tp2_decode_graphs_with_nccl_match_eager_tp2(tokenizer: str) -> None:
-    """bf16 runs the CuPy kernels and replays decode graphs that contain the NCCL all-reduces; eager must agree."""
+    """bf16 runs the CuPy kernels and replays decode graphs that contain the NCCL all-reduces; eager must agree.
+
+    A replayed graph's kernels may split a long context's attention differently from eager ones (its grid is sized
+    for the longest context), so the 70-token prompt's sums can differ in the last bits (1e-4 in a logprob on the
+    H200, at tp 1 as at tp 2). The random model's next-token distribution is nearly flat (logprobs ~ -5.7), so such a
+    difference may flip a later argmax: the runs must agree to the bit until their logprobs first differ, and stay
+    within 1e-2 up to the first token that differs. A stale or missing all-reduce would be off by far more.
+    """
     graphs = greedy_runs(2, "bfloat16", tokenizer)
     eager = greedy_runs(2, "bfloat16", tokenizer, enable_cuda_graph=False)
     for (tokens_graph, logprobs_graph), (tokens_eager, logprobs_eager) in zip(graphs, eager, strict=True):
-        assert len(tokens_graph) == NUM_TOKENS and tokens_graph == tokens_eager
-        assert max(abs(a - b) for a, b in zip(logprobs_graph, logprobs_eager, strict=True)) < 1e-2
+        assert len(tokens_graph) == len(tokens_eager) == NUM_TOKENS
+        first = next((i for i, (a, b) in enumerate(zip(tokens_graph, tokens_eager)) if a != b), NUM_TOKENS)
+        gaps = [abs(a - b) for a, b in zip(logprobs_graph[: first + 1], logprobs_eager[: first + 1])]
+        assert max(gaps) < 1e-2, gaps
+        assert first == NUM_TOKENS or any(gaps[:first]), f"token {first} differs while every sum before it agreed"
 
 
 @pytest.mark.parametrize("tp", [pytest.param(4, marks=needs_gpus(4)), pytest.param(8, marks=needs_gpus(8))])
