@@ -96,7 +96,7 @@ static inline __attribute__((always_inline)) void q8_0_block(const uint8_t *p, _
             const long left = M - m0;                                                                                \
             const float *xm = x + m0 * K;                                                                            \
             float *ym = y + m0 * N;                                                                                  \
-            if (left >= 8 && 8 * K * (long)sizeof(float) <= X_ROWS_IN_L1_BYTES) {                                   \
+            if (left >= 8 && 8 * K * (long)sizeof(float) <= X_ROWS_IN_L1_BYTES) {                                    \
                 for (int r = 0; r < 4; r++) NAME##_8x1(xm, K, group, r, ym, N);                                      \
                 m0 += 8;                                                                                             \
             } else if (left >= 4) {                                                                                  \
@@ -115,13 +115,16 @@ static inline __attribute__((always_inline)) void q8_0_block(const uint8_t *p, _
             }                                                                                                        \
         }                                                                                                            \
     }                                                                                                                \
-    /* the row groups shared among the threads of the enclosing parallel region (all of them when there is none) */ \
-    static void NAME##_matmul_for(const float *x, long M, long K, const uint8_t *w, long N, float *y) {            \
+    /* the row groups shared among the threads of the enclosing parallel region (all of them when there is none),    \
+     * handed out in shrinking chunks: a thread the OS parks (the serving process runs on the same cores) leaves its \
+     * rest to the others instead of holding them at the next barrier; each group's outputs are the same bits        \
+     * whichever thread computes them. (Chunks of 4 groups throughout cost more in handing out than they save.) */   \
+    static void NAME##_matmul_for(const float *x, long M, long K, const uint8_t *w, long N, float *y) {              \
         const long groups = N / 4, group_bytes = K / 32 * 4 * (BYTES);                                               \
-        _Pragma("omp for schedule(static)") for (long g = 0; g < groups; g++)                                        \
+        _Pragma("omp for schedule(guided, 4)") for (long g = 0; g < groups; g++)                                     \
             NAME##_group(x, M, K, w + g * group_bytes, y + 4 * g, N);                                                \
     }                                                                                                                \
-    void trillm_##NAME##_matmul(const float *x, long M, long K, const uint8_t *w, long N, float *y) {               \
+    void trillm_##NAME##_matmul(const float *x, long M, long K, const uint8_t *w, long N, float *y) {                \
         _Pragma("omp parallel") NAME##_matmul_for(x, M, K, w, N, y);                                                 \
     }
 
