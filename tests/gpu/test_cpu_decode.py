@@ -121,3 +121,33 @@ def test_groups_past_the_kernels_limit_keep_the_per_op_path(block_llama: str, mo
     runner = make_runner(block_llama)  # 4 query heads per 2 KV heads: groups of 2
     monkeypatch.setattr(cpu_kernels, "MAX_GROUP", 1)
     assert CpuDecodeStep.build(runner.model, runner.kv_caches, world_size=1) is None
+
+
+def test_the_stage_timing_build_gives_the_same_bits_and_counts_every_stage(
+    block_llama: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/cpu_stages.py's build (-DTRILLM_STAGE_TIMING: explicit barriers, clocks read) computes what the normal one
+    does, and its counters see one call and every stage."""
+    from bench.cpu_stages import STAGES, read_counters
+
+    monkeypatch.setattr(cpu_kernels, "COMPILE_FLAGS", (*cpu_kernels.COMPILE_FLAGS, "-DTRILLM_STAGE_TIMING"))
+    timing = cpu_kernels._load()  # noqa: SLF001 - a second library beside the normal one
+    assert timing is not None and hasattr(timing, "trillm_stage_calls")
+    runner = make_runner(block_llama, max_batch_size=8)
+    fused = runner._cpu_decode  # noqa: SLF001
+    assert fused is not None
+    rng = random.Random(7)
+    seqs = _prefilled(runner, [5, BLOCK_SIZE + 3, 70], rng)
+    plan = StepPlan(step_id=50, seqs=tuple(
+        SeqStep(seq_id=i, token_ids=(rng.randrange(320),), start_pos=length, block_table=table, sample=GREEDY)
+        for i, (length, table) in enumerate(seqs)))  # fmt: skip
+    inputs = runner.prepare(plan)
+    with torch.inference_mode():
+        normal = fused.forward(inputs.input_ids, inputs.positions, inputs.meta)  # rewrites the same KV rows below
+        monkeypatch.setattr(cpu_kernels, "_library", timing)
+        timed = fused.forward(inputs.input_ids, inputs.positions, inputs.meta)
+    assert normal is not None and timed is not None and torch.equal(normal, timed)
+    calls, wall, busy = read_counters(timing)
+    assert calls == 1 and len(wall) == len(STAGES)
+    assert all(w > 0 for w in wall), wall
+    assert all(b > 0 for b in busy[0][:len(STAGES)]), busy[0]  # thread 0 takes a share of every stage

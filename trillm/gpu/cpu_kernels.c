@@ -24,6 +24,33 @@
  * stay in L1, win (batch 8: 4.5 vs 6.0 ms a step over down_proj). Every tile sums an element in the same order. */
 #define X_ROWS_IN_L1_BYTES (24 * 1024)
 
+/* Stage timing, compiled in only for bench/cpu_stages.py (-DTRILLM_STAGE_TIMING): each stage of
+ * trillm_decode_forward ends its loop without the implicit barrier, every thread notes when its own share ended, and
+ * the threads meet at an explicit barrier instead; summed over calls: each stage's wall time (thread 0, barrier to
+ * barrier) and each thread's busy time. Without the flag the stages keep their loops' implicit barriers. */
+#ifdef TRILLM_STAGE_TIMING
+#include <omp.h>
+#define STAGE_THREADS 8
+#define STAGES 9
+double trillm_stage_busy_s[STAGE_THREADS][STAGES], trillm_stage_wall_s[STAGES];
+long trillm_stage_calls;
+#define NOWAIT nowait
+#define OMP_FOR_GUIDED _Pragma("omp for schedule(guided, 4) nowait")
+#define STAGE_END(k)                                                                                                   \
+    do {                                                                                                               \
+        const int thread_ = omp_get_thread_num();                                                                      \
+        if (thread_ < STAGE_THREADS) trillm_stage_busy_s[thread_][k] += omp_get_wtime() - stage_start;               \
+        _Pragma("omp barrier");                                                                                        \
+        const double after_ = omp_get_wtime();                                                                         \
+        if (thread_ == 0) trillm_stage_wall_s[k] += after_ - stage_start;                                             \
+        stage_start = after_;                                                                                          \
+    } while (0)
+#else
+#define NOWAIT
+#define OMP_FOR_GUIDED _Pragma("omp for schedule(guided, 4)")
+#define STAGE_END(k)
+#endif
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -121,7 +148,7 @@ static inline __attribute__((always_inline)) void q8_0_block(const uint8_t *p, _
      * whichever thread computes them. (Chunks of 4 groups throughout cost more in handing out than they save.) */   \
     static void NAME##_matmul_for(const float *x, long M, long K, const uint8_t *w, long N, float *y) {              \
         const long groups = N / 4, group_bytes = K / 32 * 4 * (BYTES);                                               \
-        _Pragma("omp for schedule(guided, 4)") for (long g = 0; g < groups; g++)                                     \
+        OMP_FOR_GUIDED for (long g = 0; g < groups; g++)                                                             \
             NAME##_group(x, M, K, w + g * group_bytes, y + 4 * g, N);                                                \
     }                                                                                                                \
     void trillm_##NAME##_matmul(const float *x, long M, long K, const uint8_t *w, long N, float *y) {                \
@@ -388,36 +415,52 @@ void trillm_decode_forward(const int64_t *layers, long L, long M, long Hd, long 
     {
         float *p = malloc(group * longest * sizeof(float));  /* this thread's attention scores (one KV group's) */
         const float *h = hidden;  /* the layer's input: the embeddings, then each layer's down_proj output */
+#ifdef TRILLM_STAGE_TIMING
+        double stage_start = omp_get_wtime();
+#endif
         for (long l = 0; l < L; l++) {
             const int64_t *f = layers + l * LAYER_FIELDS;
             const float *input_norm = (const float *)f[4], *post_norm = (const float *)f[5];
             float *k_cache = (float *)f[6], *v_cache = (float *)f[7];
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) NOWAIT
             for (long i = 0; i < M; i++) {  /* layer 0: the residual stream starts as the embeddings */
                 if (l == 0) memcpy(residual + i * Hd, h + i * Hd, Hd * sizeof(float));
                 rms_row(l == 0 ? residual + i * Hd : h + i * Hd, l == 0 ? NULL : residual + i * Hd,
                         residual + i * Hd, input_norm, eps, Hd, normed + i * Hd);
             }
+            STAGE_END(0);
             block_matmul_for(f[8], normed, M, Hd, (const void *)f[0], QKV, qkv);
-#pragma omp for schedule(static)
+            STAGE_END(1);
+#pragma omp for schedule(static) NOWAIT
             for (long i = 0; i < M; i++)
                 rotary_row(qkv + i * QKV, H, KVH, D, positions[i], cos_sin, slots[i], k_cache, v_cache, block_size);
-#pragma omp for schedule(dynamic, 1)
+            STAGE_END(2);
+#pragma omp for schedule(dynamic, 1) NOWAIT
             for (long task = 0; task < M * KVH; task++) {
                 const long s = task / KVH, kvh = task % KVH;
                 attend_group(qkv + s * QKV + kvh * group * D, group, k_cache, v_cache, tables + s * max_blocks,
                              context_lens[s], KVH, kvh, D, block_size, scale, p, attn + (s * H + kvh * group) * D);
             }
+            STAGE_END(3);
             block_matmul_for(f[9], attn, M, H * D, (const void *)f[1], Hd, proj);
-#pragma omp for schedule(static)
+            STAGE_END(4);
+#pragma omp for schedule(static) NOWAIT
             for (long i = 0; i < M; i++)
                 rms_row(proj + i * Hd, residual + i * Hd, residual + i * Hd, post_norm, eps, Hd, normed + i * Hd);
+            STAGE_END(5);
             block_matmul_for(f[10], normed, M, Hd, (const void *)f[2], 2 * F, gate_up);
-#pragma omp for schedule(static)
+            STAGE_END(6);
+#pragma omp for schedule(static) NOWAIT
             for (long i = 0; i < M; i++) silu_row(gate_up + i * 2 * F, F, act + i * F);
+            STAGE_END(7);
             block_matmul_for(f[11], act, M, F, (const void *)f[3], Hd, l == L - 1 ? out : proj);
+            STAGE_END(8);
             h = proj;
         }
         free(p);
+#ifdef TRILLM_STAGE_TIMING
+#pragma omp master
+        trillm_stage_calls++;
+#endif
     }
 }
