@@ -28,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+COMPILE_FLAGS: tuple[str, ...] = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 MAX_HEAD_DIM = 128  # the attention kernel's accumulators (cpu_kernels.c)
 MAX_GROUP = 64  # query heads per KV head the attention kernel takes (cpu_kernels.c)
 
