@@ -150,4 +150,4 @@ def test_the_stage_timing_build_gives_the_same_bits_and_counts_every_stage(
     calls, wall, busy = read_counters(timing)
     assert calls == 1 and len(wall) == len(STAGES)
     assert all(w > 0 for w in wall), wall
-    assert all(b > 0 for b in busy[0][:len(STAGES)]), busy[0]  # thread 0 takes a share of every stage
+    assert all(b > 0 for b in busy[0]), busy[0]  # every stage ends at its STAGE_END on thread 0
